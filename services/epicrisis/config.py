@@ -1,0 +1,32 @@
+"""Settings from the environment (prefix ``EPICRISIS_``), one object for the whole process."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Limits(BaseSettings):
+    """Bounds on what one request may carry; each is stated in the README."""
+
+    model_config = SettingsConfigDict(env_prefix="EPICRISIS_LIMIT_", frozen=True)
+
+    max_bundle_bytes: int = Field(64 * 1024 * 1024, gt=0)
+    max_entries: int = Field(100_000, gt=0)
+    # orjson refuses JSON nested deeper than 1024 levels anywhere in the document; inside an
+    # entry that the summary reads we allow far less, since no FHIR resource needs it.
+    max_resource_depth: int = Field(64, gt=2)
+
+
+class Settings(BaseSettings):
+    """Process-wide settings. Secrets (serving) join this class when serving needs them."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="EPICRISIS_", env_nested_delimiter="__", frozen=True, extra="ignore"
+    )
+
+    limits: Limits = Field(default_factory=Limits)
+    tokenizer_path: Path | None = None
+    max_input_tokens: int = Field(8192 - 1536, gt=256)

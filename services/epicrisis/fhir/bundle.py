@@ -1,0 +1,209 @@
+"""Parse Bundle bytes and check the shape of every entry, cheaply.
+
+Only the shape is checked here (resourceType, id, unique fullUrl); the full R4B validation
+runs later, in :mod:`epicrisis.fhir.validate`, on just the entries the summary reads. That
+split is what keeps a 4 MB Bundle fast without trusting any resource we use.
+"""
+
+from __future__ import annotations
+
+import codecs
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict
+
+from epicrisis.config import Limits
+from epicrisis.errors import BundleError, Location, safe_id, safe_type
+
+BUNDLE_TYPES = frozenset(
+    {"transaction", "searchset", "collection", "batch", "document",
+     "transaction-response", "batch-response", "history", "message"}
+)
+
+Json = dict[str, Any]
+
+
+class DataWarning(BaseModel):
+    """Something in the input the summary worked around; says where, never what it contained."""
+
+    model_config = ConfigDict(frozen=True)
+
+    code: Literal[
+        "invalid-entry", "unknown-element", "dangling-reference", "skipped-entry", "unreadable-note"
+    ]
+    message: str
+    entry_index: int | None = None
+    resource_type: str | None = None
+    resource_id: str | None = None
+    path: str | None = None
+
+
+@dataclass(slots=True)
+class Entry:
+    """One entry with a resource: its position, identity and the raw JSON object."""
+
+    index: int
+    full_url: str | None
+    resource_type: str
+    resource_id: str | None
+    resource: Json
+    container: Entry | None = None  # set for a contained resource: the entry holding it
+
+    @property
+    def location(self) -> Location:
+        return Location(self.index, self.resource_type, safe_id(self.resource_id))
+
+    @property
+    def local_ref(self) -> str:
+        """``Type/id`` when the resource has an id, else its fullUrl: how outputs cite it."""
+        if self.container is not None:
+            return f"{self.container.local_ref}#{self.resource_id}"
+        if self.resource_id:
+            return f"{self.resource_type}/{self.resource_id}"
+        return self.full_url or f"{self.resource_type}#entry{self.index}"
+
+
+@dataclass(slots=True)
+class IngestedBundle:
+    """A shape-checked Bundle with its entries indexed by fullUrl and by ``Type/id``."""
+
+    bundle_type: str
+    entries: list[Entry]
+    by_full_url: dict[str, Entry] = field(default_factory=dict)
+    by_type_id: dict[str, list[Entry]] = field(default_factory=dict)
+    warnings: list[DataWarning] = field(default_factory=list)
+
+    def of_type(self, resource_type: str) -> list[Entry]:
+        return [e for e in self.entries if e.resource_type == resource_type]
+
+    def warn(self, code: Any, message: str, *, location: Location | None = None) -> None:
+        loc = location or Location()
+        self.warnings.append(
+            DataWarning(
+                code=code,
+                message=message,
+                entry_index=loc.entry_index,
+                resource_type=loc.resource_type,
+                resource_id=loc.resource_id,
+                path=loc.path,
+            )
+        )
+
+
+def decode_json(data: bytes, limits: Limits) -> Any:
+    """Bytes to JSON values: size, BOM, UTF-8 and syntax checked with errors that say which."""
+    if len(data) > limits.max_bundle_bytes:
+        raise BundleError(
+            f"Bundle is {len(data)} bytes, over the limit of {limits.max_bundle_bytes} bytes"
+        )
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    if not data.strip():
+        raise BundleError("input is empty; expected a FHIR R4 Bundle as JSON")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"input is not valid UTF-8 (first bad byte at offset {exc.start})") from None
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        if "depth limit" in exc.msg:
+            raise BundleError("JSON is nested deeper than 1024 levels") from None
+        # exc.msg names the rule broken and pos the offset; neither repeats the content.
+        raise BundleError(
+            f"input is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
+
+
+def ingest(data: bytes, *, limits: Limits | None = None) -> IngestedBundle:
+    """Parse and shape-check a Bundle; raises :class:`BundleError` naming the first problem."""
+    limits = limits or Limits()
+    doc = decode_json(data, limits)
+    if not isinstance(doc, dict):
+        raise BundleError(f"top-level JSON is {_kind(doc)}; expected a FHIR Bundle object")
+    rtype = doc.get("resourceType")
+    if rtype != "Bundle":
+        shown = safe_type(rtype) if isinstance(rtype, str) else None
+        hint = f"a bare {shown} resource" if shown else "not a FHIR resource"
+        raise BundleError(
+            f"expected resourceType 'Bundle' but got {hint}; wrap resources in a Bundle",
+            location=Location(path="resourceType"),
+        )
+    btype = doc.get("type")
+    if btype not in BUNDLE_TYPES:
+        raise BundleError(
+            "Bundle.type is missing or not a FHIR R4 bundle type", location=Location(path="type")
+        )
+    raw_entries = doc.get("entry", [])
+    if not isinstance(raw_entries, list):
+        raise BundleError(
+            f"Bundle.entry is {_kind(raw_entries)}; expected an array", location=Location(path="entry")
+        )
+    if len(raw_entries) > limits.max_entries:
+        raise BundleError(
+            f"Bundle has {len(raw_entries)} entries, over the limit of {limits.max_entries}"
+        )
+
+    bundle = IngestedBundle(bundle_type=btype, entries=[])
+    for index, raw in enumerate(raw_entries):
+        entry = _shape_checked_entry(index, raw)
+        if entry is None:
+            continue
+        bundle.entries.append(entry)
+        _index_entry(bundle, entry)
+    return bundle
+
+
+def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
+    where = f"entry[{index}]"
+    if not isinstance(raw, dict):
+        raise BundleError(f"entry is {_kind(raw)}; expected an object", location=Location(index, path=where))
+    full_url = raw.get("fullUrl")
+    if full_url is not None and (not isinstance(full_url, str) or not full_url.strip()):
+        raise BundleError("fullUrl is not a non-empty string", location=Location(index, path=f"{where}.fullUrl"))
+    resource = raw.get("resource")
+    if resource is None:
+        return None  # e.g. a DELETE in a transaction, or a search outcome without a resource
+    if not isinstance(resource, dict):
+        raise BundleError(
+            f"resource is {_kind(resource)}; expected an object",
+            location=Location(index, path=f"{where}.resource"),
+        )
+    rtype = resource.get("resourceType")
+    if not isinstance(rtype, str) or safe_type(rtype) != rtype:
+        raise BundleError(
+            "resource has no valid resourceType", location=Location(index, path=f"{where}.resource.resourceType")
+        )
+    rid = resource.get("id")
+    if rid is not None and safe_id(rid) != rid:
+        raise BundleError(
+            "resource id is not a valid FHIR id ([A-Za-z0-9-.]{1,64})",
+            location=Location(index, rtype, path=f"{where}.resource.id"),
+        )
+    return Entry(index, full_url, rtype, rid, resource)
+
+
+def _index_entry(bundle: IngestedBundle, entry: Entry) -> None:
+    if entry.full_url is not None:
+        twin = bundle.by_full_url.get(entry.full_url)
+        if twin is not None and _version(twin) == _version(entry):
+            raise BundleError(
+                f"fullUrl duplicates that of entry[{twin.index}] (rule bdl-7: fullUrl must be unique)",
+                location=Location(entry.index, entry.resource_type, safe_id(entry.resource_id),
+                                  f"entry[{entry.index}].fullUrl"),
+            )
+        bundle.by_full_url[entry.full_url] = entry
+    if entry.resource_id:
+        bundle.by_type_id.setdefault(f"{entry.resource_type}/{entry.resource_id}", []).append(entry)
+
+
+def _version(entry: Entry) -> object:
+    meta = entry.resource.get("meta")
+    return meta.get("versionId") if isinstance(meta, dict) else None
+
+
+def _kind(value: object) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")

@@ -1,0 +1,136 @@
+"""Medication facts and the discharge medication list, reconciled against before admission.
+
+new:        a discharge order for a drug not active before admission
+changed:    a discharge order for a drug active before admission, with another dosage
+continued:  active before admission and still active (re-ordered with the same dosage or untouched)
+stopped:    an order of the stay for a take-home drug whose status is stopped or cancelled
+inpatient-active: an inpatient order of the stay still active at discharge; flagged for review
+"""
+
+from __future__ import annotations
+
+from datetime import tzinfo
+from typing import Any
+
+from epicrisis.stay.context import Concept, MedicationChange, MedicationFact
+from epicrisis.stay.readers import codes_of, concept_of, quantity_text
+from epicrisis.stay.time import When, parse_when
+
+LIVE = frozenset({"active", "on-hold", "draft", "unknown"})
+ENDED = frozenset({"stopped", "cancelled"})
+
+
+def medication_fact(
+    ref: str, resource: dict[str, Any], drug: Concept, *, of_this_stay: bool, tz: tzinfo
+) -> MedicationFact:
+    if resource["resourceType"] == "MedicationRequest":
+        codes = codes_of(resource.get("category") or [])
+        category = next(
+            (c for c in ("discharge", "inpatient", "outpatient", "community") if c in codes), None
+        )
+        return MedicationFact(
+            ref, "request", drug, str(resource.get("status") or "unknown"), category,
+            parse_when(resource.get("authoredOn"), tz), _dosage(resource.get("dosageInstruction")),
+            of_this_stay,
+        )
+    when = parse_when(resource.get("effectiveDateTime"), tz)
+    if when is None and isinstance(resource.get("effectivePeriod"), dict):
+        when = parse_when(resource["effectivePeriod"].get("start"), tz)
+    dosage = resource.get("dosage") if isinstance(resource.get("dosage"), dict) else {}
+    text = dosage.get("text") if isinstance(dosage.get("text"), str) else quantity_text(dosage.get("dose"))
+    return MedicationFact(
+        ref, "administration", drug, str(resource.get("status") or "unknown"), "inpatient", when,
+        text, of_this_stay,
+    )
+
+
+def reconcile(
+    facts: tuple[MedicationFact, ...], admitted: When | None
+) -> tuple[MedicationChange, ...]:
+    """The discharge medication list from the requests read (administrations never count)."""
+    requests = [f for f in facts if f.kind == "request"]
+    before = [
+        f for f in requests
+        if not f.of_this_stay and f.category != "inpatient" and f.status in LIVE
+        and (admitted is None or f.when is None or f.when.at <= admitted.at)
+    ]
+    home = {f.drug.key: f for f in sorted(before, key=_order)}
+    takeaway = [
+        f for f in requests
+        if f.of_this_stay and f.category in (None, "discharge", "outpatient", "community")
+    ]
+    changes: list[MedicationChange] = []
+    ordered: set[str] = set()
+    for fact in sorted(takeaway, key=_order):
+        key = fact.drug.key
+        prior = home.get(key)
+        if fact.status in ENDED:
+            changes.append(MedicationChange(fact.drug, "stopped", fact.dosage, None, _refs(prior, fact)))
+        elif fact.status in LIVE or fact.status == "completed":
+            if prior is None:
+                status = "new"
+            elif (prior.dosage or "") == (fact.dosage or ""):
+                status = "continued"
+            else:
+                status = "changed"
+            changes.append(MedicationChange(
+                fact.drug, status, fact.dosage, prior.dosage if status == "changed" else None,
+                _refs(prior, fact),
+            ))
+        ordered.add(key)
+    for key, prior in home.items():
+        if key not in ordered:
+            changes.append(MedicationChange(prior.drug, "continued", prior.dosage, None, (prior.ref,)))
+    takeaway_keys = {f.drug.key for f in takeaway}
+    seen_inpatient: set[str] = set()
+    for fact in sorted(requests, key=_order):
+        key = fact.drug.key
+        if (fact.of_this_stay and fact.category == "inpatient" and fact.status in LIVE
+                and key not in takeaway_keys and key not in home and key not in seen_inpatient):
+            seen_inpatient.add(key)
+            changes.append(MedicationChange(fact.drug, "inpatient-active", fact.dosage, None, (fact.ref,)))
+    rank = {"new": 0, "changed": 1, "continued": 2, "stopped": 3, "inpatient-active": 4}
+    changes.sort(key=lambda c: (rank[c.status], c.drug.label.lower(), c.refs))
+    return tuple(_merge_duplicates(changes))
+
+
+def _merge_duplicates(changes: list[MedicationChange]) -> list[MedicationChange]:
+    """One line per drug and status: repeated orders of the same drug cite all their sources."""
+    merged: dict[tuple[str, str], MedicationChange] = {}
+    for change in changes:
+        slot = (change.drug.key, change.status)
+        twin = merged.get(slot)
+        if twin is None:
+            merged[slot] = change
+        else:
+            refs = tuple(dict.fromkeys(twin.refs + change.refs))
+            merged[slot] = MedicationChange(twin.drug, twin.status, twin.dosage, twin.previous_dosage, refs)
+    return list(merged.values())
+
+
+def _refs(prior: MedicationFact | None, fact: MedicationFact) -> tuple[str, ...]:
+    return (prior.ref, fact.ref) if prior is not None else (fact.ref,)
+
+
+def _order(fact: MedicationFact) -> tuple[float, str]:
+    return (fact.when.at.timestamp() if fact.when else 0.0, fact.ref)
+
+
+def _dosage(instructions: Any) -> str | None:
+    if not isinstance(instructions, list) or not instructions:
+        return None
+    first = instructions[0]
+    if not isinstance(first, dict):
+        return None
+    if isinstance(first.get("text"), str) and first["text"].strip():
+        return str(first["text"]).strip()
+    for dose_rate in first.get("doseAndRate") or []:
+        text = quantity_text(dose_rate.get("doseQuantity"))
+        if text:
+            return text
+    return None
+
+
+def drug_of(resource: dict[str, Any]) -> Concept | None:
+    """medicationCodeableConcept, when the drug is coded inline."""
+    return concept_of(resource.get("medicationCodeableConcept"))
