@@ -55,7 +55,9 @@ class Location:
             parts.append(f"entry[{self.entry_index}]")
         if self.resource_type:
             parts.append(
-                f"{self.resource_type}/{self.resource_id}" if self.resource_id else self.resource_type
+                f"{self.resource_type}/{self.resource_id}"
+                if self.resource_id
+                else self.resource_type
             )
         if self.path:
             parts.append(f"at {self.path}")

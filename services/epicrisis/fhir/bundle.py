@@ -18,8 +18,17 @@ from epicrisis.config import Limits
 from epicrisis.errors import BundleError, Location, safe_id, safe_type
 
 BUNDLE_TYPES = frozenset(
-    {"transaction", "searchset", "collection", "batch", "document",
-     "transaction-response", "batch-response", "history", "message"}
+    {
+        "transaction",
+        "searchset",
+        "collection",
+        "batch",
+        "document",
+        "transaction-response",
+        "batch-response",
+        "history",
+        "message",
+    }
 )
 
 Json = dict[str, Any]
@@ -99,13 +108,15 @@ def decode_json(data: bytes, limits: Limits) -> Any:
             f"Bundle is {len(data)} bytes, over the limit of {limits.max_bundle_bytes} bytes"
         )
     if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
+        data = data[len(codecs.BOM_UTF8) :]
     if not data.strip():
         raise BundleError("input is empty; expected a FHIR R4 Bundle as JSON")
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise BundleError(f"input is not valid UTF-8 (first bad byte at offset {exc.start})") from None
+        raise BundleError(
+            f"input is not valid UTF-8 (first bad byte at offset {exc.start})"
+        ) from None
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -139,7 +150,8 @@ def ingest(data: bytes, *, limits: Limits | None = None) -> IngestedBundle:
     raw_entries = doc.get("entry", [])
     if not isinstance(raw_entries, list):
         raise BundleError(
-            f"Bundle.entry is {_kind(raw_entries)}; expected an array", location=Location(path="entry")
+            f"Bundle.entry is {_kind(raw_entries)}; expected an array",
+            location=Location(path="entry"),
         )
     if len(raw_entries) > limits.max_entries:
         raise BundleError(
@@ -159,10 +171,14 @@ def ingest(data: bytes, *, limits: Limits | None = None) -> IngestedBundle:
 def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
     where = f"entry[{index}]"
     if not isinstance(raw, dict):
-        raise BundleError(f"entry is {_kind(raw)}; expected an object", location=Location(index, path=where))
+        raise BundleError(
+            f"entry is {_kind(raw)}; expected an object", location=Location(index, path=where)
+        )
     full_url = raw.get("fullUrl")
     if full_url is not None and (not isinstance(full_url, str) or not full_url.strip()):
-        raise BundleError("fullUrl is not a non-empty string", location=Location(index, path=f"{where}.fullUrl"))
+        raise BundleError(
+            "fullUrl is not a non-empty string", location=Location(index, path=f"{where}.fullUrl")
+        )
     resource = raw.get("resource")
     if resource is None:
         return None  # e.g. a DELETE in a transaction, or a search outcome without a resource
@@ -174,7 +190,8 @@ def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
     rtype = resource.get("resourceType")
     if not isinstance(rtype, str) or safe_type(rtype) != rtype:
         raise BundleError(
-            "resource has no valid resourceType", location=Location(index, path=f"{where}.resource.resourceType")
+            "resource has no valid resourceType",
+            location=Location(index, path=f"{where}.resource.resourceType"),
         )
     rid = resource.get("id")
     if rid is not None and safe_id(rid) != rid:
@@ -191,8 +208,12 @@ def _index_entry(bundle: IngestedBundle, entry: Entry) -> None:
         if twin is not None and _version(twin) == _version(entry):
             raise BundleError(
                 f"fullUrl duplicates that of entry[{twin.index}] (rule bdl-7: fullUrl must be unique)",
-                location=Location(entry.index, entry.resource_type, safe_id(entry.resource_id),
-                                  f"entry[{entry.index}].fullUrl"),
+                location=Location(
+                    entry.index,
+                    entry.resource_type,
+                    safe_id(entry.resource_id),
+                    f"entry[{entry.index}].fullUrl",
+                ),
             )
         bundle.by_full_url[entry.full_url] = entry
     if entry.resource_id:
@@ -205,5 +226,11 @@ def _version(entry: Entry) -> object:
 
 
 def _kind(value: object) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    names = {
+        dict: "an object",
+        list: "an array",
+        str: "a string",
+        bool: "a boolean",
+        type(None): "null",
+    }
     return names.get(type(value), "a number")

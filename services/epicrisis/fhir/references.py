@@ -12,8 +12,10 @@ from typing import Any
 
 from epicrisis.fhir.bundle import Entry, IngestedBundle
 
-_TYPE_ID = re.compile(r"(?:(?P<base>.*/))?(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})"
-                      r"(?:/_history/[A-Za-z0-9\-.]{1,64})?$")
+_TYPE_ID = re.compile(
+    r"(?:(?P<base>.*/))?(?P<type>[A-Z][A-Za-z]+)/(?P<id>[A-Za-z0-9\-.]{1,64})"
+    r"(?:/_history/[A-Za-z0-9\-.]{1,64})?$"
+)
 
 
 def reference_of(value: Any) -> str | None:

@@ -82,7 +82,9 @@ def validate_entry(
     except KeyError:
         raise EntryError(
             "resourceType is not a FHIR R4 resource",
-            location=Location(loc.entry_index, loc.resource_type, loc.resource_id, f"{prefix}.resourceType"),
+            location=Location(
+                loc.entry_index, loc.resource_type, loc.resource_id, f"{prefix}.resourceType"
+            ),
         ) from None
     resource = entry.resource
     warnings: list[DataWarning] = []
@@ -97,8 +99,9 @@ def validate_entry(
         raise EntryError(
             rule_text(first["type"])
             + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""),
-            location=Location(loc.entry_index, loc.resource_type, loc.resource_id,
-                              json_path(prefix, first["loc"])),
+            location=Location(
+                loc.entry_index, loc.resource_type, loc.resource_id, json_path(prefix, first["loc"])
+            ),
         )
     cleaned = copy.deepcopy(resource)
     for error in unknown:
@@ -119,8 +122,9 @@ def validate_entry(
         first = exc.errors(include_input=False, include_url=False)[0]
         raise EntryError(
             rule_text(first["type"]),
-            location=Location(loc.entry_index, loc.resource_type, loc.resource_id,
-                              json_path(prefix, first["loc"])),
+            location=Location(
+                loc.entry_index, loc.resource_type, loc.resource_id, json_path(prefix, first["loc"])
+            ),
         ) from None
     return cleaned, warnings
 

@@ -142,7 +142,9 @@ class Reading:
         return None
 
 
-ABNORMAL_FLAGS = frozenset({"H", "L", "HH", "LL", "HU", "LU", "A", "AA", "POS", "DET", ">", "<", "W"})
+ABNORMAL_FLAGS = frozenset(
+    {"H", "L", "HH", "LL", "HU", "LU", "A", "AA", "POS", "DET", ">", "<", "W"}
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,7 +72,8 @@ class _Reader:
                 self._cache[key] = resource
             except EntryError as exc:
                 self.bundle.warn(
-                    "invalid-entry", f"{exc.message}; the entry was left out of the summary",
+                    "invalid-entry",
+                    f"{exc.message}; the entry was left out of the summary",
                     location=exc.location,
                 )
                 self._cache[key] = None
@@ -87,7 +88,8 @@ class _Reader:
         if target is None:
             loc = source.location
             self.bundle.warn(
-                "dangling-reference", "reference does not resolve to an entry of the Bundle",
+                "dangling-reference",
+                "reference does not resolve to an entry of the Bundle",
                 location=loc,
             )
         return target
@@ -113,30 +115,39 @@ def gather_stay(
 
     period = encounter.get("period") or {}
     start = parse_when(period.get("start"))
-    tz: tzinfo = start.at.tzinfo if start and start.precision == "second" and start.at.tzinfo else UTC
+    tz: tzinfo = (
+        start.at.tzinfo if start and start.precision == "second" and start.at.tzinfo else UTC
+    )
     start = parse_when(period.get("start"), tz)
     end = parse_when(period.get("end"), tz)
     scope = _Scope(reader, enc_entry, patient_entry, start, end)
 
-    conditions = [c for c in (_condition(reader, e, scope) for e in scope.of_patient("Condition")) if c]
+    conditions = [
+        c for c in (_condition(reader, e, scope) for e in scope.of_patient("Condition")) if c
+    ]
     diagnoses = _diagnoses(reader, enc_entry, encounter, scope, conditions)
     listed = {d.condition.ref for d in diagnoses}
     stay_conditions = tuple(
-        c for c in conditions
-        if c.of_this_stay and ("encounter-diagnosis" in c.categories or not c.categories or c.ref in listed)
+        c
+        for c in conditions
+        if c.of_this_stay
+        and ("encounter-diagnosis" in c.categories or not c.categories or c.ref in listed)
     )
     problems = tuple(c for c in conditions if not c.of_this_stay and _active_problem(c, end))
     encounter_facts = _encounter_facts(enc_entry, encounter, tz, start, end, diagnoses)
 
     readings = []
-    for entry, obs in scope.in_stay("Observation", by_time=("effectiveDateTime", "effectiveInstant")):
+    for entry, obs in scope.in_stay(
+        "Observation", by_time=("effectiveDateTime", "effectiveInstant")
+    ):
         if obs.get("status") not in VOID:
             readings.extend(readings_of(entry.local_ref, obs, tz))
     medications = tuple(_medications(reader, scope, tz))
     death = _died(encounter, patient, start, end, tz)
     return Stay(
-        patient=_patient_facts(patient_entry, patient, end or start,
-                               death if death is not _UNKNOWN_TIME else None),
+        patient=_patient_facts(
+            patient_entry, patient, end or start, death if death is not _UNKNOWN_TIME else None
+        ),
         encounter=encounter_facts,
         diagnoses=diagnoses,
         stay_conditions=stay_conditions,
@@ -157,7 +168,9 @@ def gather_stay(
 class _Scope:
     """Answers which entries belong to the patient, and which to the stay."""
 
-    def __init__(self, reader: _Reader, stay: Entry, patient: Entry, start: When | None, end: When | None) -> None:
+    def __init__(
+        self, reader: _Reader, stay: Entry, patient: Entry, start: When | None, end: When | None
+    ) -> None:
         self.reader = reader
         self.stay = stay
         self.patient = patient
@@ -234,7 +247,9 @@ def _patient_entry(reader: _Reader, enc_entry: Entry, encounter: Json) -> Entry:
     )
 
 
-def _patient_facts(entry: Entry, patient: Json, at: When | None, death: When | None) -> PatientFacts:
+def _patient_facts(
+    entry: Entry, patient: Json, at: When | None, death: When | None
+) -> PatientFacts:
     birth = parse_when(patient.get("birthDate"))
     age = None
     if birth is not None and at is not None:
@@ -245,7 +260,11 @@ def _patient_facts(entry: Entry, patient: Json, at: When | None, death: When | N
 
 
 def _encounter_facts(
-    entry: Entry, enc: Json, tz: tzinfo, start: When | None, end: When | None,
+    entry: Entry,
+    enc: Json,
+    tz: tzinfo,
+    start: When | None,
+    end: When | None,
     diagnoses: tuple[DiagnosisFact, ...],
 ) -> EncounterFacts:
     hosp = enc.get("hospitalization") or {}
@@ -262,7 +281,9 @@ def _encounter_facts(
         end=end,
         length_of_stay_days=los,
         reasons=tuple(c for c in (concept_of(r) for r in enc.get("reasonCode") or []) if c),
-        reason_refs=tuple(r for r in (reference_of(x) for x in enc.get("reasonReference") or []) if r),
+        reason_refs=tuple(
+            r for r in (reference_of(x) for x in enc.get("reasonReference") or []) if r
+        ),
         admit_source=concept_of(hosp.get("admitSource")),
         disposition=concept_of(hosp.get("dischargeDisposition")),
         service=concept_of(enc.get("serviceType")),
@@ -281,11 +302,11 @@ def _condition(reader: _Reader, entry: Entry, scope: _Scope) -> ConditionFact | 
     concept = concept_of(cond.get("code"))
     if concept is None:
         return None
-    stay_refs = {reference_of(d.get("condition")) for d in scope.stay.resource.get("diagnosis") or []}
+    stay_refs = {
+        reference_of(d.get("condition")) for d in scope.stay.resource.get("diagnosis") or []
+    }
     stay_refs |= {reference_of(r) for r in scope.stay.resource.get("reasonReference") or []}
-    listed = any(
-        reader.resolver.resolve(r, source=scope.stay) is entry for r in stay_refs if r
-    )
+    listed = any(reader.resolver.resolve(r, source=scope.stay) is entry for r in stay_refs if r)
     return ConditionFact(
         ref=entry.local_ref,
         concept=concept,
@@ -293,7 +314,9 @@ def _condition(reader: _Reader, entry: Entry, scope: _Scope) -> ConditionFact | 
         verification=verification,
         categories=codes_of(cond.get("category") or []),
         onset=parse_when(cond.get("onsetDateTime") or (cond.get("onsetPeriod") or {}).get("start")),
-        abatement=parse_when(cond.get("abatementDateTime") or (cond.get("abatementPeriod") or {}).get("start")),
+        abatement=parse_when(
+            cond.get("abatementDateTime") or (cond.get("abatementPeriod") or {}).get("start")
+        ),
         of_this_stay=scope.links_to_stay(entry) or listed,
     )
 
@@ -309,7 +332,7 @@ def _diagnoses(
             continue  # dangling, a Procedure, refuted or invalid: nothing to cite
         rank = item.get("rank") if isinstance(item.get("rank"), int) else None
         found.append(DiagnosisFact(by_ref[target.local_ref], first_code(item.get("use")), rank))
-    found.sort(key=lambda d: (d.rank if d.rank is not None else 1_000_000))
+    found.sort(key=lambda d: d.rank if d.rank is not None else 1_000_000)
     return tuple(found)
 
 
@@ -331,8 +354,15 @@ def _procedures(scope: _Scope, tz: tzinfo) -> Iterable[ProcedureFact]:
         if when is None and isinstance(proc.get("performedPeriod"), dict):
             when = parse_when(proc["performedPeriod"].get("start"), tz)
         outcome = concept_of(proc.get("outcome"))
-        found.append(ProcedureFact(entry.local_ref, concept, str(proc.get("status")), when,
-                                   outcome.label if outcome else None))
+        found.append(
+            ProcedureFact(
+                entry.local_ref,
+                concept,
+                str(proc.get("status")),
+                when,
+                outcome.label if outcome else None,
+            )
+        )
     return sorted(found, key=lambda p: (_ts(p.when), p.ref))
 
 
@@ -354,7 +384,9 @@ def _medications(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[Medicat
                 drug = concept_of(med.get("code")) if med else None
             if drug is None:
                 continue
-            facts.append(medication_fact(entry.local_ref, resource, drug, of_this_stay=of_stay, tz=tz))
+            facts.append(
+                medication_fact(entry.local_ref, resource, drug, of_this_stay=of_stay, tz=tz)
+            )
     return sorted(facts, key=lambda f: (f.kind, _ts(f.when), f.ref))
 
 
@@ -377,8 +409,16 @@ def _allergies(scope: _Scope) -> Iterable[AllergyFact]:
                 concept = concept_of(manifestation)
                 if concept:
                     reactions.append(concept.label)
-        found.append(AllergyFact(entry.local_ref, substance, status, verification,
-                                 allergy.get("criticality"), tuple(dict.fromkeys(reactions))))
+        found.append(
+            AllergyFact(
+                entry.local_ref,
+                substance,
+                status,
+                verification,
+                allergy.get("criticality"),
+                tuple(dict.fromkeys(reactions)),
+            )
+        )
     return sorted(found, key=lambda a: (a.substance.label.lower(), a.ref))
 
 
@@ -389,15 +429,23 @@ def _reports(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[ReportFact]
         if concept is None:
             continue
         results = tuple(
-            t.local_ref for t in (reader.resolver.resolve_field(r, source=entry) for r in report.get("result") or []) if t
+            t.local_ref
+            for t in (
+                reader.resolver.resolve_field(r, source=entry) for r in report.get("result") or []
+            )
+            if t
         )
         conclusion = report.get("conclusion")
-        found.append(ReportFact(
-            entry.local_ref, concept, str(report.get("status")),
-            parse_when(report.get("effectiveDateTime") or report.get("issued"), tz),
-            conclusion.strip() if isinstance(conclusion, str) and conclusion.strip() else None,
-            results,
-        ))
+        found.append(
+            ReportFact(
+                entry.local_ref,
+                concept,
+                str(report.get("status")),
+                parse_when(report.get("effectiveDateTime") or report.get("issued"), tz),
+                conclusion.strip() if isinstance(conclusion, str) and conclusion.strip() else None,
+                results,
+            )
+        )
     return sorted(found, key=lambda r: (_ts(r.when), r.ref))
 
 
@@ -411,11 +459,20 @@ def _notes(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[NoteFact]:
         texts = [attachment_text(c.get("attachment")) for c in doc.get("content") or []]
         text = "\n".join(t for t in texts if t)
         if not text:
-            reader.bundle.warn("unreadable-note", "note has no inline text attachment; left out",
-                               location=entry.location)
+            reader.bundle.warn(
+                "unreadable-note",
+                "note has no inline text attachment; left out",
+                location=entry.location,
+            )
             continue
-        found.append(NoteFact(entry.local_ref, (concept.label if concept else None) or title or "Note",
-                              parse_when(doc.get("date"), tz), text))
+        found.append(
+            NoteFact(
+                entry.local_ref,
+                (concept.label if concept else None) or title or "Note",
+                parse_when(doc.get("date"), tz),
+                text,
+            )
+        )
     for entry, comp in scope.in_stay("Composition", by_time=("date",)):
         if comp.get("status") == "entered-in-error":
             continue
@@ -427,8 +484,14 @@ def _notes(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[NoteFact]:
                 if body:
                     parts.append(f"{section.get('title') or 'Section'}: {body}")
         if parts:
-            found.append(NoteFact(entry.local_ref, str(comp.get("title") or "Composition"),
-                                  parse_when(comp.get("date"), tz), "\n".join(parts)))
+            found.append(
+                NoteFact(
+                    entry.local_ref,
+                    str(comp.get("title") or "Composition"),
+                    parse_when(comp.get("date"), tz),
+                    "\n".join(parts),
+                )
+            )
     return sorted(found, key=lambda n: (_ts(n.when), n.ref))
 
 
@@ -437,28 +500,55 @@ def _plans(scope: _Scope, tz: tzinfo) -> Iterable[PlanFact]:
     for entry, req in scope.in_stay("ServiceRequest"):
         concept = concept_of(req.get("code"))
         if concept and req.get("status") in ("active", "draft", "on-hold"):
-            found.append(PlanFact(entry.local_ref, concept, "order", str(req.get("status")),
-                                  parse_when(req.get("occurrenceDateTime") or req.get("authoredOn"), tz)))
+            found.append(
+                PlanFact(
+                    entry.local_ref,
+                    concept,
+                    "order",
+                    str(req.get("status")),
+                    parse_when(req.get("occurrenceDateTime") or req.get("authoredOn"), tz),
+                )
+            )
     for entry, plan in scope.in_stay("CarePlan"):
         concept = concept_of((plan.get("category") or [None])[0]) or (
-            Concept(plan["title"]) if isinstance(plan.get("title"), str) else None)
+            Concept(plan["title"]) if isinstance(plan.get("title"), str) else None
+        )
         if concept and plan.get("status") in ("active", "draft", "on-hold"):
-            found.append(PlanFact(entry.local_ref, concept, "care-plan", str(plan.get("status")),
-                                  parse_when((plan.get("period") or {}).get("start"), tz)))
+            found.append(
+                PlanFact(
+                    entry.local_ref,
+                    concept,
+                    "care-plan",
+                    str(plan.get("status")),
+                    parse_when((plan.get("period") or {}).get("start"), tz),
+                )
+            )
     for rtype in ("DiagnosticReport", "Observation"):
         for entry, res in scope.in_stay(rtype):
             concept = concept_of(res.get("code"))
             if concept and res.get("status") in PENDING:
-                found.append(PlanFact(entry.local_ref, concept, "pending-result", str(res.get("status")),
-                                      parse_when(res.get("effectiveDateTime") or res.get("issued"), tz)))
+                found.append(
+                    PlanFact(
+                        entry.local_ref,
+                        concept,
+                        "pending-result",
+                        str(res.get("status")),
+                        parse_when(res.get("effectiveDateTime") or res.get("issued"), tz),
+                    )
+                )
     return sorted(found, key=lambda p: (p.kind, _ts(p.when), p.ref))
 
 
-def _died(encounter: Json, patient: Json, start: When | None, end: When | None, tz: tzinfo) -> When | None:
+def _died(
+    encounter: Json, patient: Json, start: When | None, end: When | None, tz: tzinfo
+) -> When | None:
     disposition = concept_of((encounter.get("hospitalization") or {}).get("dischargeDisposition"))
     deceased = parse_when(patient.get("deceasedDateTime"), tz)
-    if deceased is not None and start is not None and deceased.at >= start.at and (
-        end is None or deceased.at.date() <= end.at.date()
+    if (
+        deceased is not None
+        and start is not None
+        and deceased.at >= start.at
+        and (end is None or deceased.at.date() <= end.at.date())
     ):
         return deceased
     if disposition is not None and disposition.has_code(*EXPIRED_DISPOSITIONS):

@@ -12,7 +12,7 @@ from __future__ import annotations
 from datetime import tzinfo
 from typing import Any
 
-from epicrisis.stay.context import Concept, MedicationChange, MedicationFact
+from epicrisis.stay.context import Concept, MedicationChange, MedicationFact, MedicationStatus
 from epicrisis.stay.readers import codes_of, concept_of, quantity_text
 from epicrisis.stay.time import When, parse_when
 
@@ -29,18 +29,34 @@ def medication_fact(
             (c for c in ("discharge", "inpatient", "outpatient", "community") if c in codes), None
         )
         return MedicationFact(
-            ref, "request", drug, str(resource.get("status") or "unknown"), category,
-            parse_when(resource.get("authoredOn"), tz), _dosage(resource.get("dosageInstruction")),
+            ref,
+            "request",
+            drug,
+            str(resource.get("status") or "unknown"),
+            category,
+            parse_when(resource.get("authoredOn"), tz),
+            _dosage(resource.get("dosageInstruction")),
             of_this_stay,
         )
     when = parse_when(resource.get("effectiveDateTime"), tz)
     if when is None and isinstance(resource.get("effectivePeriod"), dict):
         when = parse_when(resource["effectivePeriod"].get("start"), tz)
-    dosage = resource.get("dosage") if isinstance(resource.get("dosage"), dict) else {}
-    text = dosage.get("text") if isinstance(dosage.get("text"), str) else quantity_text(dosage.get("dose"))
+    raw_dosage = resource.get("dosage")
+    dosage: dict[str, Any] = raw_dosage if isinstance(raw_dosage, dict) else {}
+    text = (
+        dosage.get("text")
+        if isinstance(dosage.get("text"), str)
+        else quantity_text(dosage.get("dose"))
+    )
     return MedicationFact(
-        ref, "administration", drug, str(resource.get("status") or "unknown"), "inpatient", when,
-        text, of_this_stay,
+        ref,
+        "administration",
+        drug,
+        str(resource.get("status") or "unknown"),
+        "inpatient",
+        when,
+        text,
+        of_this_stay,
     )
 
 
@@ -50,13 +66,17 @@ def reconcile(
     """The discharge medication list from the requests read (administrations never count)."""
     requests = [f for f in facts if f.kind == "request"]
     before = [
-        f for f in requests
-        if not f.of_this_stay and f.category != "inpatient" and f.status in LIVE
+        f
+        for f in requests
+        if not f.of_this_stay
+        and f.category != "inpatient"
+        and f.status in LIVE
         and (admitted is None or f.when is None or f.when.at <= admitted.at)
     ]
     home = {f.drug.key: f for f in sorted(before, key=_order)}
     takeaway = [
-        f for f in requests
+        f
+        for f in requests
         if f.of_this_stay and f.category in (None, "discharge", "outpatient", "community")
     ]
     changes: list[MedicationChange] = []
@@ -65,30 +85,48 @@ def reconcile(
         key = fact.drug.key
         prior = home.get(key)
         if fact.status in ENDED:
-            changes.append(MedicationChange(fact.drug, "stopped", fact.dosage, None, _refs(prior, fact)))
+            changes.append(
+                MedicationChange(fact.drug, "stopped", fact.dosage, None, _refs(prior, fact))
+            )
         elif fact.status in LIVE or fact.status == "completed":
+            status: MedicationStatus
             if prior is None:
                 status = "new"
             elif (prior.dosage or "") == (fact.dosage or ""):
                 status = "continued"
             else:
                 status = "changed"
-            changes.append(MedicationChange(
-                fact.drug, status, fact.dosage, prior.dosage if status == "changed" else None,
-                _refs(prior, fact),
-            ))
+            changes.append(
+                MedicationChange(
+                    fact.drug,
+                    status,
+                    fact.dosage,
+                    prior.dosage if prior is not None and status == "changed" else None,
+                    _refs(prior, fact),
+                )
+            )
         ordered.add(key)
     for key, prior in home.items():
         if key not in ordered:
-            changes.append(MedicationChange(prior.drug, "continued", prior.dosage, None, (prior.ref,)))
+            changes.append(
+                MedicationChange(prior.drug, "continued", prior.dosage, None, (prior.ref,))
+            )
     takeaway_keys = {f.drug.key for f in takeaway}
     seen_inpatient: set[str] = set()
     for fact in sorted(requests, key=_order):
         key = fact.drug.key
-        if (fact.of_this_stay and fact.category == "inpatient" and fact.status in LIVE
-                and key not in takeaway_keys and key not in home and key not in seen_inpatient):
+        if (
+            fact.of_this_stay
+            and fact.category == "inpatient"
+            and fact.status in LIVE
+            and key not in takeaway_keys
+            and key not in home
+            and key not in seen_inpatient
+        ):
             seen_inpatient.add(key)
-            changes.append(MedicationChange(fact.drug, "inpatient-active", fact.dosage, None, (fact.ref,)))
+            changes.append(
+                MedicationChange(fact.drug, "inpatient-active", fact.dosage, None, (fact.ref,))
+            )
     rank = {"new": 0, "changed": 1, "continued": 2, "stopped": 3, "inpatient-active": 4}
     changes.sort(key=lambda c: (rank[c.status], c.drug.label.lower(), c.refs))
     return tuple(_merge_duplicates(changes))
@@ -104,7 +142,9 @@ def _merge_duplicates(changes: list[MedicationChange]) -> list[MedicationChange]
             merged[slot] = change
         else:
             refs = tuple(dict.fromkeys(twin.refs + change.refs))
-            merged[slot] = MedicationChange(twin.drug, twin.status, twin.dosage, twin.previous_dosage, refs)
+            merged[slot] = MedicationChange(
+                twin.drug, twin.status, twin.dosage, twin.previous_dosage, refs
+            )
     return list(merged.values())
 
 

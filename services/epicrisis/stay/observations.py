@@ -46,7 +46,9 @@ def series_of(items: Iterable[tuple[Concept, str, Reading]]) -> tuple[Observatio
         readings.sort(key=lambda r: (r.when.at.timestamp() if r.when else 0.0, r.ref))
         series.append(ObservationSeries(concept, category, tuple(readings)))
     order = {"laboratory": 0, "vital-signs": 1}
-    series.sort(key=lambda s: (order.get(s.category, 2), s.category, s.concept.label.lower(), s.concept.key))
+    series.sort(
+        key=lambda s: (order.get(s.category, 2), s.category, s.concept.label.lower(), s.concept.key)
+    )
     return tuple(series)
 
 

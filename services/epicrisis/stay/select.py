@@ -25,9 +25,15 @@ def select_encounter(
             location=Location(resource_type="Encounter", resource_id=shown),
         )
     classes = INPATIENT_CLASSES | (EMERGENCY_CLASSES if allow_emergency else frozenset())
-    candidates = [e for e in encounters if _class_code(e) in classes and e.resource.get("status") == "finished"]
+    candidates = [
+        e
+        for e in encounters
+        if _class_code(e) in classes and e.resource.get("status") == "finished"
+    ]
     if not candidates:
-        kinds = "inpatient or emergency" if allow_emergency else "inpatient (class IMP, ACUTE or NONAC)"
+        kinds = (
+            "inpatient or emergency" if allow_emergency else "inpatient (class IMP, ACUTE or NONAC)"
+        )
         raise StayError(
             f"no finished {kinds} Encounter in the Bundle ({len(encounters)} encounters present); "
             "name the encounter to summarize with --encounter ID"

@@ -1,0 +1,113 @@
+"""The ``epicrisis`` command line: summarize and prompt, one clear line on stderr on failure."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from epicrisis import __version__
+from epicrisis.errors import ConfigurationError, EpicrisisError, InputError
+
+EXIT_INPUT = 2
+EXIT_CONFIG = 3
+EXIT_INTERNAL = 70  # EX_SOFTWARE
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        data = _read_input(args)
+        return int(args.run(args, data))
+    except InputError as exc:
+        return _fail(f"invalid input: {exc}", EXIT_INPUT)
+    except ConfigurationError as exc:
+        return _fail(f"configuration error: {exc}", EXIT_CONFIG)
+    except EpicrisisError as exc:
+        return _fail(f"error: {exc}", EXIT_INTERNAL)
+    except BrokenPipeError:
+        return 0
+    except KeyboardInterrupt:
+        return _fail("interrupted", 130)
+    except Exception as exc:  # last resort: a bug, reported without a traceback or input content
+        return _fail(f"internal error ({type(exc).__name__}); please report it", EXIT_INTERNAL)
+
+
+def _fail(message: str, code: int) -> int:
+    sys.stderr.write(f"epicrisis: {message}\n")
+    return code
+
+
+def _read_input(args: argparse.Namespace) -> bytes:
+    if getattr(args, "sample", False):
+        return resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()
+    if args.file is None:
+        raise InputError("no input: give a FILE, '-' for standard input, or --sample")
+    if args.file == "-":
+        return sys.stdin.buffer.read()
+    path = Path(args.file)
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise InputError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"is a directory, not a file: {path}") from None
+    except PermissionError:
+        raise InputError(f"permission denied: {path}") from None
+
+
+def _summarize(args: argparse.Namespace, data: bytes) -> int:
+    from epicrisis.pipeline import render, summarize
+
+    summary = summarize(data, encounter_id=args.encounter, strict=args.strict)
+    sys.stdout.write(render(summary, args.format))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="epicrisis",
+        description="Discharge summaries from FHIR R4 Bundles, every fact cited to its source.",
+    )
+    parser.add_argument("--version", action="version", version=f"epicrisis {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    summarize = commands.add_parser("summarize", help="summarize one hospital stay")
+    _input_arguments(summarize)
+    summarize.add_argument(
+        "--format",
+        choices=("json", "text", "fhir"),
+        default="json",
+        help="json: the API shape; text: for a terminal; fhir: a FHIR R4 document Bundle",
+    )
+    summarize.add_argument(
+        "--backend",
+        choices=("extractive",),
+        default="extractive",
+        help="who writes the prose (extractive: templates from the facts)",
+    )
+    summarize.set_defaults(run=_summarize)
+    return parser
+
+
+def _input_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "file", nargs="?", metavar="FILE|-", help="a FHIR R4 Bundle as JSON; - for stdin"
+    )
+    parser.add_argument(
+        "--sample", action="store_true", help="use the sample Bundle shipped with Epicrisis"
+    )
+    parser.add_argument(
+        "--encounter", metavar="ID", help="the Encounter to summarize (id, Type/id or fullUrl)"
+    )
+    parser.add_argument(
+        "--strict", action="store_true", help="refuse the Bundle if any entry is invalid"
+    )
+
+
+def entrypoint() -> None:
+    """Console-script entry: exit with :func:`main`'s status."""
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The one code path from Bundle bytes to a summary; the CLI, the worker and tests call it."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import orjson
+
+from epicrisis import __version__
+from epicrisis.config import Limits
+from epicrisis.fhir import ingest
+from epicrisis.stay import Stay, gather_stay
+from epicrisis.summary.build import build_summary
+from epicrisis.summary.extractive import extractive_prose
+from epicrisis.summary.model import DischargeSummary, Provenance
+from epicrisis.summary.render_fhir import render_fhir
+from epicrisis.summary.render_text import render_text
+
+Format = Literal["json", "text", "fhir"]
+EXTRACTIVE = f"epicrisis-extractive/{__version__}"
+
+
+def load_stay(
+    bundle: bytes,
+    *,
+    encounter_id: str | None = None,
+    strict: bool = False,
+    limits: Limits | None = None,
+) -> Stay:
+    """Ingest the Bundle and gather the stay to summarize (the named one, else the latest)."""
+    return gather_stay(ingest(bundle, limits=limits), encounter_id, limits=limits, strict=strict)
+
+
+def summarize(
+    bundle: bytes,
+    *,
+    encounter_id: str | None = None,
+    strict: bool = False,
+    limits: Limits | None = None,
+) -> DischargeSummary:
+    """Summarize one stay with the extractive backend: deterministic, no model, no network."""
+    stay = load_stay(bundle, encounter_id=encounter_id, strict=strict, limits=limits)
+    return summarize_stay(stay)
+
+
+def summarize_stay(stay: Stay) -> DischargeSummary:
+    provenance = Provenance(generator=EXTRACTIVE, backend="extractive")
+    return build_summary(stay, extractive_prose(stay), provenance)
+
+
+def render(summary: DischargeSummary, fmt: Format) -> str:
+    if fmt == "json":
+        return (
+            orjson.dumps(summary.model_dump(mode="json"), option=orjson.OPT_INDENT_2).decode()
+            + "\n"
+        )
+    if fmt == "text":
+        return render_text(summary)
+    return render_fhir(summary, version=__version__)
