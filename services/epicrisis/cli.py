@@ -7,10 +7,12 @@ import sys
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import NoReturn
 
 from epicrisis import __version__
 from epicrisis.errors import ConfigurationError, EpicrisisError, InputError
 
+EXIT_USAGE = 2
 EXIT_INPUT = 2
 EXIT_CONFIG = 3
 EXIT_INTERNAL = 70  # EX_SOFTWARE
@@ -62,18 +64,29 @@ def _read_input(args: argparse.Namespace) -> bytes:
 def _summarize(args: argparse.Namespace, data: bytes) -> int:
     from epicrisis.pipeline import render, summarize
 
-    summary = summarize(data, encounter_id=args.encounter, strict=args.strict)
+    summary = summarize(
+        data, encounter_id=args.encounter, strict=args.strict, allow_emergency=args.emergency
+    )
     sys.stdout.write(render(summary, args.format))
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr, like every other failure."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"epicrisis: {message} (see '{self.prog} --help')\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="epicrisis",
         description="Discharge summaries from FHIR R4 Bundles, every fact cited to its source.",
     )
     parser.add_argument("--version", action="version", version=f"epicrisis {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_Parser
+    )
 
     summarize = commands.add_parser("summarize", help="summarize one hospital stay")
     _input_arguments(summarize)
@@ -105,6 +118,11 @@ def _input_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--strict", action="store_true", help="refuse the Bundle if any entry is invalid"
+    )
+    parser.add_argument(
+        "--emergency",
+        action="store_true",
+        help="with no inpatient stay, take the latest finished emergency visit",
     )
 
 

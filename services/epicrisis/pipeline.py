@@ -25,10 +25,17 @@ def load_stay(
     *,
     encounter_id: str | None = None,
     strict: bool = False,
+    allow_emergency: bool = False,
     limits: Limits | None = None,
 ) -> Stay:
     """Ingest the Bundle and gather the stay to summarize (the named one, else the latest)."""
-    return gather_stay(ingest(bundle, limits=limits), encounter_id, limits=limits, strict=strict)
+    return gather_stay(
+        ingest(bundle, limits=limits),
+        encounter_id,
+        limits=limits,
+        strict=strict,
+        allow_emergency=allow_emergency,
+    )
 
 
 def summarize(
@@ -36,10 +43,17 @@ def summarize(
     *,
     encounter_id: str | None = None,
     strict: bool = False,
+    allow_emergency: bool = False,
     limits: Limits | None = None,
 ) -> DischargeSummary:
     """Summarize one stay with the extractive backend: deterministic, no model, no network."""
-    stay = load_stay(bundle, encounter_id=encounter_id, strict=strict, limits=limits)
+    stay = load_stay(
+        bundle,
+        encounter_id=encounter_id,
+        strict=strict,
+        allow_emergency=allow_emergency,
+        limits=limits,
+    )
     return summarize_stay(stay)
 
 

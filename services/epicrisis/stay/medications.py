@@ -111,19 +111,15 @@ def reconcile(
             changes.append(
                 MedicationChange(prior.drug, "continued", prior.dosage, None, (prior.ref,))
             )
-    takeaway_keys = {f.drug.key for f in takeaway}
-    seen_inpatient: set[str] = set()
     for fact in sorted(requests, key=_order):
         key = fact.drug.key
         if (
             fact.of_this_stay
             and fact.category == "inpatient"
             and fact.status in LIVE
-            and key not in takeaway_keys
+            and key not in ordered
             and key not in home
-            and key not in seen_inpatient
         ):
-            seen_inpatient.add(key)
             changes.append(
                 MedicationChange(fact.drug, "inpatient-active", fact.dosage, None, (fact.ref,))
             )
@@ -133,7 +129,7 @@ def reconcile(
 
 
 def _merge_duplicates(changes: list[MedicationChange]) -> list[MedicationChange]:
-    """One line per drug and status: repeated orders of the same drug cite all their sources."""
+    """One line per drug and status: repeated orders cite all their sources and dosages."""
     merged: dict[tuple[str, str], MedicationChange] = {}
     for change in changes:
         slot = (change.drug.key, change.status)
@@ -142,8 +138,10 @@ def _merge_duplicates(changes: list[MedicationChange]) -> list[MedicationChange]
             merged[slot] = change
         else:
             refs = tuple(dict.fromkeys(twin.refs + change.refs))
+            dosages = [d for d in (twin.dosage, change.dosage) if d]
+            dosage = " / ".join(dict.fromkeys(dosages)) or None  # every dosage ordered, once
             merged[slot] = MedicationChange(
-                twin.drug, twin.status, twin.dosage, twin.previous_dosage, refs
+                twin.drug, twin.status, dosage, twin.previous_dosage, refs
             )
     return list(merged.values())
 

@@ -136,7 +136,8 @@ def _outcome(stay: Stay) -> Sentence:
     if enc.end:
         text += f" on {enc.end.short(tz)}"
     if enc.length_of_stay_days is not None:
-        text += f" after {enc.length_of_stay_days:g} days"
+        days = enc.length_of_stay_days
+        text += f" after {days:g} day" + ("" if days == 1 else "s")
     return Sentence(text=text + ".", sources=[enc.ref])
 
 

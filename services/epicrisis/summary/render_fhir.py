@@ -51,10 +51,11 @@ def render_fhir(summary: DischargeSummary, *, version: str) -> str:
         "deviceName": [{"name": summary.provenance.generator, "type": "model-name"}],
         "version": [{"value": version}],
     }
+    bundle_id = str(uuid.uuid5(_NAMESPACE, f"bundle|{doc_id}"))
     bundle = {
         "resourceType": "Bundle",
-        "id": doc_id,
-        "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{doc_id}"},
+        "id": bundle_id,
+        "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{bundle_id}"},
         "type": "document",
         "timestamp": date if "T" in date else f"{date}T00:00:00Z",
         "entry": [
