@@ -46,9 +46,17 @@ def measure() -> tuple[list[dict], dict]:  # type: ignore[type-arg]
                 totals[key][1] += same
                 totals[key][2] += anywhere
                 cited, hit_same, hit_any = cited + len(refs), hit_same + same, hit_any + anywhere
-        row.update(cited=cited, same=hit_same / cited if cited else 1.0, anywhere=hit_any / cited if cited else 1.0)
+        row.update(
+            cited=cited,
+            same=hit_same / cited if cited else 1.0,
+            anywhere=hit_any / cited if cited else 1.0,
+        )
         per_stay.append(row)
     return per_stay, dict(totals)
+
+
+def _code(resources: dict[str, dict], ref: str) -> str:  # type: ignore[type-arg]
+    return str(resources.get(ref, {}).get("code", {}).get("coding", [{}])[0].get("code"))
 
 
 def by_type() -> dict[str, list[int]]:
@@ -61,16 +69,14 @@ def by_type() -> dict[str, list[int]]:
             for e in json.loads(data)["entry"]
         }
         ours = set(summarize(data).source_references())
-        theirs = set().union(*(_refs(s) for c in json.loads(ref_path.read_text()) for s in c["section"]))
+        theirs = set().union(
+            *(_refs(s) for c in json.loads(ref_path.read_text()) for s in c["section"])
+        )
         for ref in theirs:
             counts[ref.split("/")[0]][0] += 1
             counts[ref.split("/")[0]][1] += ref in ours
-
-        def code(ref: str) -> str:
-            return str(resources.get(ref, {}).get("code", {}).get("coding", [{}])[0].get("code"))
-
-        their_codes = {code(r) for r in theirs if r.startswith("Observation/")}
-        our_codes = {code(r) for r in ours if r.startswith("Observation/")}
+        their_codes = {_code(resources, r) for r in theirs if r.startswith("Observation/")}
+        our_codes = {_code(resources, r) for r in ours if r.startswith("Observation/")}
         counts["Observation codes"][0] += len(their_codes)
         counts["Observation codes"][1] += len(their_codes & our_codes)
     return dict(counts)
@@ -88,13 +94,22 @@ def markdown() -> str:
     all_same = sum(v[1] for v in totals.values())
     all_any = sum(v[2] for v in totals.values())
     lines.append(f"| **all** | | {all_n} | {all_same / all_n:.0%} | {all_any / all_n:.0%} |")
-    lines += ["", "| cited by the reference, by type | count | cited by us too |", "| --- | ---: | ---: |"]
+    lines += [
+        "",
+        "| cited by the reference, by type | count | cited by us too |",
+        "| --- | ---: | ---: |",
+    ]
     for rtype, (n, hit) in sorted(by_type().items()):
         lines.append(f"| {rtype} | {n} | {hit / n:.0%} |")
-    lines += ["", "| stay | resources cited by the reference | same section | anywhere |",
-              "| --- | ---: | ---: | ---: |"]
+    lines += [
+        "",
+        "| stay | resources cited by the reference | same section | anywhere |",
+        "| --- | ---: | ---: | ---: |",
+    ]
     for row in per_stay:
-        lines.append(f"| {row['stay']} | {row['cited']} | {row['same']:.0%} | {row['anywhere']:.0%} |")
+        lines.append(
+            f"| {row['stay']} | {row['cited']} | {row['same']:.0%} | {row['anywhere']:.0%} |"
+        )
     return "\n".join(lines) + "\n"
 
 
