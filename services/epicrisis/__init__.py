@@ -10,4 +10,12 @@ from epicrisis.errors import EpicrisisError, InputError
 from epicrisis.pipeline import render, summarize
 from epicrisis.summary.model import DischargeSummary
 
-__all__ = ["DischargeSummary", "EpicrisisError", "InputError", "__version__", "render", "summarize"]
+__all__ = [
+    "DischargeSummary",
+    "EpicrisisError",
+    "InputError",
+    "__version__",
+    "build_prompt",
+    "render",
+    "summarize",
+]

@@ -78,6 +78,34 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"epicrisis: {message} (see '{self.prog} --help')\n")
 
 
+def _prompt(args: argparse.Namespace, data: bytes) -> int:
+    import orjson
+
+    from epicrisis.pipeline import build_prompt
+    from epicrisis.prompt import load_tokenizer
+
+    result = build_prompt(
+        data,
+        encounter_id=args.encounter,
+        max_input_tokens=args.max_input_tokens,
+        tokenizer=load_tokenizer(args.tokenizer),
+        strict=args.strict,
+        allow_emergency=args.emergency,
+    )
+    if args.json:
+        sys.stdout.write(orjson.dumps(result.as_dict(), option=orjson.OPT_INDENT_2).decode() + "\n")
+        return 0
+    for message in result.messages:
+        sys.stdout.write(f"===== {message['role']} =====\n{message['content']}\n")
+    counted = "exact" if result.exact else "estimated"
+    omitted = "; ".join(o.text for o in result.omitted) or "nothing omitted"
+    sys.stderr.write(
+        f"epicrisis: {result.token_count} tokens ({counted}, {result.tokenizer}) of "
+        f"{result.max_input_tokens}; {omitted}\n"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="epicrisis",
@@ -103,6 +131,24 @@ def _parser() -> argparse.ArgumentParser:
         help="who writes the prose (extractive: templates from the facts)",
     )
     summarize.set_defaults(run=_summarize)
+
+    prompt = commands.add_parser("prompt", help="print the Med42-v2 chat messages for one stay")
+    _input_arguments(prompt)
+    prompt.add_argument(
+        "--max-input-tokens",
+        type=int,
+        metavar="N",
+        help="prompt budget in tokens (default: EPICRISIS_MAX_INPUT_TOKENS, else 8192 - 1536)",
+    )
+    prompt.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="a tokenizer.json for exact counts (default: EPICRISIS_TOKENIZER_PATH, else an estimate)",
+    )
+    prompt.add_argument(
+        "--json", action="store_true", help="one JSON object: messages, token count, omissions"
+    )
+    prompt.set_defaults(run=_prompt)
     return parser
 
 

@@ -9,6 +9,7 @@ import orjson
 from epicrisis import __version__
 from epicrisis.config import Limits
 from epicrisis.fhir import ingest
+from epicrisis.prompt import PromptResult, Tokenizer, build_messages
 from epicrisis.stay import Stay, gather_stay
 from epicrisis.summary.build import build_summary
 from epicrisis.summary.extractive import extractive_prose
@@ -60,6 +61,27 @@ def summarize(
 def summarize_stay(stay: Stay) -> DischargeSummary:
     provenance = Provenance(generator=EXTRACTIVE, backend="extractive")
     return build_summary(stay, extractive_prose(stay), provenance)
+
+
+def build_prompt(
+    bundle: bytes,
+    *,
+    encounter_id: str | None = None,
+    max_input_tokens: int | None = None,
+    tokenizer: Tokenizer | None = None,
+    strict: bool = False,
+    allow_emergency: bool = False,
+    limits: Limits | None = None,
+) -> PromptResult:
+    """The Med42-v2 chat messages for one stay, within ``max_input_tokens``."""
+    stay = load_stay(
+        bundle,
+        encounter_id=encounter_id,
+        strict=strict,
+        allow_emergency=allow_emergency,
+        limits=limits,
+    )
+    return build_messages(stay, tokenizer=tokenizer, max_input_tokens=max_input_tokens)
 
 
 def render(summary: DischargeSummary, fmt: Format) -> str:

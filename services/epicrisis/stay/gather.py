@@ -177,6 +177,16 @@ class _Scope:
         self.start = start
         self.end = end
         self.single_patient = len(reader.bundle.of_type("Patient")) <= 1
+        # Conditions the Encounter names (diagnosis, reasonReference) belong to the stay too.
+        named = [
+            d.get("condition") for d in stay.resource.get("diagnosis") or [] if isinstance(d, dict)
+        ]
+        named += stay.resource.get("reasonReference") or []
+        self.named_conditions = {
+            id(target)
+            for target in (reader.resolver.resolve_field(n, source=stay) for n in named)
+            if target
+        }
 
     def of_patient(self, resource_type: str) -> Iterable[Entry]:
         for entry in self.reader.bundle.of_type(resource_type):
@@ -302,11 +312,6 @@ def _condition(reader: _Reader, entry: Entry, scope: _Scope) -> ConditionFact | 
     concept = concept_of(cond.get("code"))
     if concept is None:
         return None
-    stay_refs = {
-        reference_of(d.get("condition")) for d in scope.stay.resource.get("diagnosis") or []
-    }
-    stay_refs |= {reference_of(r) for r in scope.stay.resource.get("reasonReference") or []}
-    listed = any(reader.resolver.resolve(r, source=scope.stay) is entry for r in stay_refs if r)
     return ConditionFact(
         ref=entry.local_ref,
         concept=concept,
@@ -317,7 +322,7 @@ def _condition(reader: _Reader, entry: Entry, scope: _Scope) -> ConditionFact | 
         abatement=parse_when(
             cond.get("abatementDateTime") or (cond.get("abatementPeriod") or {}).get("start")
         ),
-        of_this_stay=scope.links_to_stay(entry) or listed,
+        of_this_stay=scope.links_to_stay(entry) or id(entry) in scope.named_conditions,
     )
 
 

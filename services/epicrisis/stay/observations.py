@@ -52,11 +52,17 @@ def series_of(items: Iterable[tuple[Concept, str, Reading]]) -> tuple[Observatio
     return tuple(series)
 
 
+# observation-category codes, plus HL7 v2 table 0074 (diagnostic service) codes seen in exports
+_CATEGORY_ALIASES = {"lab": "laboratory", "laboratory": "laboratory", "vital-signs": "vital-signs"}
+
+
 def _category(obs: dict[str, Any]) -> str:
-    codes = codes_of(obs.get("category") or [])
-    for preferred in ("laboratory", "vital-signs"):
-        if preferred in codes:
-            return preferred
+    codes = [c.lower() for c in codes_of(obs.get("category") or [])]
+    for code in codes:
+        if _CATEGORY_ALIASES.get(code) == "laboratory":
+            return "laboratory"
+    if "vital-signs" in codes:
+        return "vital-signs"
     return codes[0] if codes else "other"
 
 
