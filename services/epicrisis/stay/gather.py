@@ -30,7 +30,7 @@ from epicrisis.stay.context import (
     ReportFact,
     Stay,
 )
-from epicrisis.stay.medications import drug_of, medication_fact, reconcile
+from epicrisis.stay.medications import LIVE, drug_of, medication_fact, reconcile
 from epicrisis.stay.notes import attachment_text, html_to_text
 from epicrisis.stay.observations import readings_of, series_of
 from epicrisis.stay.readers import codes_of, concept_of, first_code
@@ -377,8 +377,8 @@ def _medications(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[Medicat
         entries = scope.of_patient(rtype)
         for entry in entries:
             of_stay = scope.links_to_stay(entry)
-            if rtype == "MedicationAdministration" and not of_stay:
-                continue
+            if not of_stay and (rtype == "MedicationAdministration" or not could_be_home(entry)):
+                continue  # other visits' administrations and ended orders: never read, never validated
             resource = reader.read(entry)
             if resource is None or resource.get("status") in VOID:
                 continue
@@ -393,6 +393,11 @@ def _medications(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[Medicat
                 medication_fact(entry.local_ref, resource, drug, of_this_stay=of_stay, tz=tz)
             )
     return sorted(facts, key=lambda f: (f.kind, _ts(f.when), f.ref))
+
+
+def could_be_home(entry: Entry) -> bool:
+    """Only a live order can be a medication from before admission (see ``reconcile``)."""
+    return entry.resource.get("status") in LIVE
 
 
 def _allergies(scope: _Scope) -> Iterable[AllergyFact]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import textwrap
 
+from epicrisis.fhir.bundle import DataWarning
 from epicrisis.summary.model import DischargeSummary
 
 WIDTH = 96
@@ -50,18 +52,7 @@ def render_text(summary: DischargeSummary) -> str:
             lines.append(f"  {section.empty_reason}.")
     if summary.warnings:
         lines += ["", f"DATA WARNINGS ({len(summary.warnings)})"]
-        for warning in summary.warnings:
-            where = " ".join(
-                str(p)
-                for p in (
-                    f"entry[{warning.entry_index}]" if warning.entry_index is not None else None,
-                    warning.path,
-                )
-                if p
-            )
-            lines.append(
-                f"  - {warning.code}: {warning.message}" + (f" ({where})" if where else "")
-            )
+        lines += [f"  - {line}" for line in _grouped_warnings(summary.warnings)]
     return "\n".join(lines) + "\n"
 
 
@@ -80,3 +71,20 @@ def _wrapped(text: str, sources: list[str], lead: str) -> list[str]:
             break_on_hyphens=False,
         )
     return body
+
+
+def _grouped_warnings(warnings: list[DataWarning]) -> list[str]:
+    """One line per kind of problem: ``code: message (Type .path, entries 3, 4, 9)``."""
+    groups: dict[tuple[str, str, str, str], list[int]] = {}
+    for w in warnings:
+        path = re.sub(r"^entry\[\d+\]\.resource", "", w.path or "")
+        key = (w.code, w.message, w.resource_type or "", path)
+        groups.setdefault(key, []).extend([w.entry_index] if w.entry_index is not None else [])
+    out = []
+    for (code, message, rtype, path), entries in groups.items():
+        where = " ".join(p for p in (rtype, path) if p)
+        if entries:
+            shown = ", ".join(str(e) for e in entries[:8]) + (" ..." if len(entries) > 8 else "")
+            where += f"{', ' if where else ''}entr{'y' if len(entries) == 1 else 'ies'} {shown}"
+        out.append(f"{code}: {message}" + (f" ({where})" if where else ""))
+    return out

@@ -1,0 +1,164 @@
+"""Ingest + prompt per Bundle, beside orjson parsing and whole-Bundle R4B validation.
+
+All three run in one process on the same bytes, interleaved per Bundle, so the ratios hold
+on whatever machine runs them. Token figures use the Llama 3 tokenizer from shared/data.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from fhir.resources.R4B.bundle import Bundle
+from pydantic import ValidationError
+
+from epicrisis.errors import StayError
+from epicrisis.fhir import ingest
+from epicrisis.pipeline import build_prompt
+from epicrisis.prompt import HFTokenizer
+from epicrisis.stay import gather_stay
+from epicrisis.stay.context import Stay
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+DROP = frozenset({"meta", "identifier", "text"})
+
+
+@dataclass
+class Row:
+    name: str
+    megabytes: float
+    parse_ms: list[float]
+    validate_ms: list[float]
+    validates: bool
+    ours_ms: list[float]
+    prompt_tokens: int
+    stay_json_tokens: int
+    slim_json_tokens: int
+
+    @property
+    def vs_validation(self) -> float:
+        return statistics.median(self.ours_ms) / statistics.median(self.validate_ms)
+
+    @property
+    def vs_parse(self) -> float:
+        return statistics.median(self.ours_ms) / statistics.median(self.parse_ms)
+
+
+def _times(fn: Callable[[], Any], repeat: int) -> list[float]:
+    fn()  # warm caches (imports, model classes, tokenizer)
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+def _validate_whole(data: bytes) -> bool:
+    try:
+        Bundle.model_validate_json(data)
+        return True
+    except ValidationError:
+        return False
+
+
+def _stay_refs(stay: Stay) -> set[str]:
+    refs = {stay.patient.ref, stay.encounter.ref}
+    refs |= {c.ref for c in (*stay.stay_conditions, *stay.problems)}
+    refs |= {r.ref for s in stay.observations for r in s.readings}
+    refs |= {x.ref for x in (*stay.procedures, *stay.medications, *stay.allergies)}
+    refs |= {x.ref for x in (*stay.reports, *stay.notes, *stay.plans)}
+    return refs
+
+
+def _slim(value: Any) -> Any:
+    """Drop meta, identifiers, narrative and references: what a smart JSON dump would keep."""
+    if isinstance(value, dict):
+        if "reference" in value:
+            return None
+        kept = {k: _slim(v) for k, v in value.items() if k not in DROP}
+        return {k: v for k, v in kept.items() if v is not None}
+    if isinstance(value, list):
+        items = [_slim(v) for v in value]
+        return [v for v in items if v is not None] or None
+    return value
+
+
+def measure(paths: list[Path], repeat: int = 5) -> list[Row]:
+    tokenizer = HFTokenizer.from_file(SHARED / "tokenizer" / "llama3-tokenizer.json")
+    rows = []
+    for path in paths:
+        data = path.read_bytes()
+        try:
+            stay = gather_stay(ingest(data))
+        except StayError:
+            continue
+        entries = {e.local_ref: e.resource for e in ingest(data).entries}
+        resources = [entries[r] for r in sorted(_stay_refs(stay)) if r in entries]
+        prompt = build_prompt(data, tokenizer=tokenizer)
+        rows.append(
+            Row(
+                name=path.stem[:32],
+                megabytes=len(data) / 1e6,
+                parse_ms=_times(lambda d=data: orjson.loads(d), repeat),
+                validate_ms=_times(lambda d=data: _validate_whole(d), max(2, repeat // 2)),
+                validates=_validate_whole(data),
+                ours_ms=_times(lambda d=data: build_prompt(d, tokenizer=tokenizer), repeat),
+                prompt_tokens=prompt.token_count,
+                stay_json_tokens=sum(
+                    tokenizer.count_batch([orjson.dumps(r).decode() for r in resources])
+                ),
+                slim_json_tokens=sum(
+                    tokenizer.count_batch([orjson.dumps(_slim(r)).decode() for r in resources])
+                ),
+            )
+        )
+    return rows
+
+
+def _spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = [
+        "| Bundle | MB | orjson parse ms | whole-Bundle R4B validation ms | ingest + prompt ms "
+        "| ÷ validation | ÷ parse | prompt tokens | stay as JSON | slimmed JSON |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in sorted(rows, key=lambda r: -r.megabytes):
+        valid = "" if r.validates else " (fails)"
+        lines.append(
+            f"| {r.name} | {r.megabytes:.2f} | {_spread(r.parse_ms)} | {_spread(r.validate_ms)}{valid} "
+            f"| {_spread(r.ours_ms)} | {r.vs_validation:.3f} | {r.vs_parse:.1f} | {r.prompt_tokens:,} "
+            f"| {r.stay_json_tokens:,} | {r.slim_json_tokens:,} |"
+        )
+    big = [r for r in rows if 2.0 <= r.megabytes <= 4.0]
+    summary = []
+    if big:
+        summary.append(
+            f"Bundles of 2 to 4 MB ({len(big)}): ingest + prompt takes "
+            f"{statistics.median(r.vs_validation for r in big):.3f} of whole-Bundle validation "
+            f"(worst {max(r.vs_validation for r in big):.3f}; goal ≤ 0.1) and "
+            f"{statistics.median(r.vs_parse for r in big):.1f}× the orjson parse "
+            f"(worst {max(r.vs_parse for r in big):.1f}×)."
+        )
+    summary.append(
+        f"All {len(rows)} stays: median prompt {statistics.median(r.prompt_tokens for r in rows):,.0f} "
+        f"tokens (max {max(r.prompt_tokens for r in rows):,}) against a median of "
+        f"{statistics.median(r.stay_json_tokens for r in rows):,.0f} tokens for the stay's resources "
+        f"as JSON and {statistics.median(r.slim_json_tokens for r in rows):,.0f} slimmed."
+    )
+    return "\n".join(lines) + "\n\n" + "\n\n".join(summary) + "\n"
+
+
+if __name__ == "__main__":
+    files = sorted((SHARED / "fhir" / "synthea-r4").glob("*.json")) + sorted(
+        (SHARED / "fhir" / "clinosim").glob("*.json")
+    )
+    print(markdown(measure(files, repeat=3)))

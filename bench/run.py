@@ -1,0 +1,82 @@
+"""Run every benchmark and write bench/README.md: one command, figures from one run."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import ingest_prompt  # bench/ is on sys.path when run as `python bench/run.py`
+import reference_coverage
+
+HERE = Path(__file__).resolve().parent
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    versions = ", ".join(
+        f"{name} {metadata.version(name)}"
+        for name in ("fhir.resources", "orjson", "tokenizers", "pydantic")
+    )
+    return (
+        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()} on {platform.system()}; "
+        f"{versions}"
+    )
+
+
+def main() -> None:
+    if not ingest_prompt.SHARED.is_dir():
+        sys.exit("bench: the shared corpus is not at ../shared/data")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    files = sorted((ingest_prompt.SHARED / "fhir" / "synthea-r4").glob("*.json")) + sorted(
+        (ingest_prompt.SHARED / "fhir" / "clinosim").glob("*.json")
+    )
+    speed = ingest_prompt.markdown(ingest_prompt.measure(files, repeat=5))
+    covered = reference_coverage.markdown()
+    text = f"""# Benchmarks
+
+Written by `python bench/run.py` ({started}) on: {machine()}.
+Times are milliseconds, median of 5 runs after a warm-up (min-max in brackets); the
+whole-Bundle validation is the median of 2. Every ratio compares figures from the same run.
+
+## Ingest + prompt against parsing and whole-Bundle validation
+
+"ingest + prompt" is `epicrisis.build_prompt(bytes)` with the Llama 3 tokenizer: parse,
+shape-check every entry, select the stay, validate (R4B) every entry the summary reads,
+gather, linearize, pack into the default budget (8,192 - 1,536 tokens) and count exactly.
+"whole-Bundle R4B validation" is `Bundle.model_validate_json(bytes)` from `fhir.resources`;
+"(fails)" marks Bundles it refuses (clinosim writes `MedicationAdministration.dosage.timing`,
+which R4 does not define), timed to the same end. Token columns: the prompt, and the stay's
+resources (every resource the stay cites) as JSON, whole and slimmed of meta, identifiers,
+narrative and references.
+
+{speed}
+## Coverage against clinosim's own discharge summaries
+
+`shared/data/fhir/clinosim-reference/` holds the discharge summaries (LOINC 18842-5 and
+34745-0) that clinosim wrote for each stay. Per reference section: the share of the
+resources it cites that our extractive summary cites in the section with the same LOINC
+code, and anywhere in the summary. The references cite every lab and vital reading of the
+stay, and every order; we cite the key readings of each series (first, extremes, last),
+hence the lower share for Observations but the share of observation *codes* covered.
+Orders (ServiceRequest) we cite only while still open at discharge; the references cite
+completed ones too. Medication gaps are completed inpatient orders and inpatient orders
+superseded by a discharge order for the same drug, which we do not list as discharge
+medications.
+
+{covered}"""
+    (HERE / "README.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
