@@ -43,7 +43,7 @@ from epicrisis.stay.context import (
     Reading,
     Stay,
 )
-from epicrisis.stay.readers import format_number
+from epicrisis.stay.readers import format_days, format_number
 from epicrisis.stay.time import When, offset_label
 
 SAFETY = 0
@@ -211,7 +211,12 @@ class _Builder:
         return self.handles.assign(ref, resource_type)
 
     def add(
-        self, section: str, handles: Sequence[str], body: str, priority: int, group: str,
+        self,
+        section: str,
+        handles: Sequence[str],
+        body: str,
+        priority: int,
+        group: str,
         rank: int = 0,
     ) -> None:
         unique = tuple(dict.fromkeys(handles))
@@ -255,14 +260,19 @@ class _Builder:
         pt = self.h(patient.ref, "Patient")
         e = self.h(enc.ref, "Encounter")
         sex = clean(patient.sex) or "sex not recorded"
-        who = f"{patient.age_at_discharge}-year-old {sex}" if patient.age_at_discharge is not None \
+        who = (
+            f"{patient.age_at_discharge}-year-old {sex}"
+            if patient.age_at_discharge is not None
             else f"age not recorded, {sex}"
+        )
         self.add("stay", [pt], f"Patient: {who}", SAFETY, "stay")
 
         parts = [f"admitted {self.when(enc.start)}"]
-        parts.append(f"discharged {self.when(enc.end)}" if enc.end else "discharge time not recorded")
+        parts.append(
+            f"discharged {self.when(enc.end)}" if enc.end else "discharge time not recorded"
+        )
         if enc.length_of_stay_days is not None:
-            parts.append(f"length of stay {format_number(enc.length_of_stay_days)} days")
+            parts.append(f"length of stay {format_days(enc.length_of_stay_days)}")
         detail = [f"class {clean(enc.class_code)}"] if enc.class_code else []
         detail += [clean(t.label) for t in enc.types]
         if enc.service is not None:
@@ -288,8 +298,13 @@ class _Builder:
         disposition = clean(enc.disposition.label) if enc.disposition else "not recorded"
         if stay.died_in_hospital:
             at = self.when(patient.deceased) if patient.deceased else "time not recorded"
-            self.add("stay", [e, pt], f"Died in hospital: {at} (discharge disposition: "
-                     f"{disposition})", SAFETY, "stay")
+            self.add(
+                "stay",
+                [e, pt],
+                f"Died in hospital: {at} (discharge disposition: {disposition})",
+                SAFETY,
+                "stay",
+            )
         else:
             self.add("stay", [e], f"Discharge disposition: {disposition}", SAFETY, "stay")
 
@@ -319,18 +334,29 @@ class _Builder:
         for diagnosis in self.stay.diagnoses:
             condition = diagnosis.condition
             use = USE_LABELS.get(diagnosis.use or "") or (
-                f"Diagnosis ({clean(diagnosis.use)})" if diagnosis.use else "Diagnosis")
+                f"Diagnosis ({clean(diagnosis.use)})" if diagnosis.use else "Diagnosis"
+            )
             rank = f", rank {diagnosis.rank}" if diagnosis.rank is not None else ""
             handle = self.h(condition.ref, "Condition")
-            self.add("diagnoses", [handle], f"{use}{rank}: {self.condition_text(condition)}",
-                     SAFETY, "diagnoses")
+            self.add(
+                "diagnoses",
+                [handle],
+                f"{use}{rank}: {self.condition_text(condition)}",
+                SAFETY,
+                "diagnoses",
+            )
             listed.add(condition.ref)
         for condition in self.stay.stay_conditions:
             if condition.ref in listed:
                 continue
             handle = self.h(condition.ref, "Condition")
-            self.add("diagnoses", [handle], f"Condition of this stay: "
-                     f"{self.condition_text(condition)}", SAFETY, "diagnoses")
+            self.add(
+                "diagnoses",
+                [handle],
+                f"Condition of this stay: {self.condition_text(condition)}",
+                SAFETY,
+                "diagnoses",
+            )
             listed.add(condition.ref)
         if not listed:
             self.add("diagnoses", [], "No diagnoses recorded for this stay.", SAFETY, "diagnoses")
@@ -353,17 +379,29 @@ class _Builder:
                 facts.append(f"criticality {clean(allergy.criticality)}")
             if allergy.reactions:
                 facts.append("reactions: " + ", ".join(clean(r) for r in allergy.reactions))
-            status = ", ".join(clean(s) for s in (allergy.clinical_status, allergy.verification) if s)
+            status = ", ".join(
+                clean(s) for s in (allergy.clinical_status, allergy.verification) if s
+            )
             if status:
                 facts.append(status)
             detail = f" ({'; '.join(facts)})" if facts else ""
-            self.add("allergies", [handle], f"Allergy: {clean(allergy.substance.label)}{detail}",
-                     SAFETY, "allergies")
+            self.add(
+                "allergies",
+                [handle],
+                f"Allergy: {clean(allergy.substance.label)}{detail}",
+                SAFETY,
+                "allergies",
+            )
 
     def discharge_medications_section(self) -> None:
         if not self.stay.discharge_medications:
-            self.add("discharge_medications", [], "Discharge medications: none recorded",
-                     SAFETY, "discharge_medications")
+            self.add(
+                "discharge_medications",
+                [],
+                "Discharge medications: none recorded",
+                SAFETY,
+                "discharge_medications",
+            )
             return
         for change in self.stay.discharge_medications:
             handles = [self.h(ref, "MedicationRequest") for ref in change.refs]
@@ -380,8 +418,14 @@ class _Builder:
             facts = [clean(procedure.status)]
             if procedure.outcome:
                 facts.append(f"outcome {clean(procedure.outcome)}")
-            self.add("procedures", [handle], f"{self.when(procedure.when)} "
-                     f"{clean(procedure.concept.label)} ({'; '.join(facts)})", 1, "procedures")
+            self.add(
+                "procedures",
+                [handle],
+                f"{self.when(procedure.when)} "
+                f"{clean(procedure.concept.label)} ({'; '.join(facts)})",
+                1,
+                "procedures",
+            )
 
     # -- observations --------------------------------------------------------------------
 
@@ -417,8 +461,12 @@ class _Builder:
         """Handles, ``first/max 3.9 (H) 2024-06-15 10:58`` parts and the ids of the readings
         they cover: a series' key readings (first, min, max, last), each shown once."""
         named: dict[int, tuple[Reading, list[str]]] = {}
-        candidates = [("first", series.first), ("min", series.trough), ("max", series.peak),
-                      ("last", series.last)]
+        candidates = [
+            ("first", series.first),
+            ("min", series.trough),
+            ("max", series.peak),
+            ("last", series.last),
+        ]
         for label, reading in candidates:
             if reading is None:
                 continue
@@ -459,19 +507,32 @@ class _Builder:
                 # Text results (cultures, susceptibilities): each one may matter.
                 for reading in series.readings:
                     is_safety = series.abnormal and reading is last
-                    self.add("labs", [self.reading_handle(reading)],
-                             f"{self.when(reading.when)} {name}: {self.flagged(reading, True)}",
-                             SAFETY if is_safety else 1, "lab_text")
+                    self.add(
+                        "labs",
+                        [self.reading_handle(reading)],
+                        f"{self.when(reading.when)} {name}: {self.flagged(reading, True)}",
+                        SAFETY if is_safety else 1,
+                        "lab_text",
+                    )
                 continue
             if series.abnormal:
-                self.add("labs", [self.reading_handle(last)],
-                         f"{self.when(last.when)} {name} {self.flagged(last, True)}"
-                         f"{' last of ' + str(len(series.readings)) if len(series.readings) > 1 else ''}",
-                         SAFETY, "labs")
+                self.add(
+                    "labs",
+                    [self.reading_handle(last)],
+                    f"{self.when(last.when)} {name} {self.flagged(last, True)}"
+                    f"{' last of ' + str(len(series.readings)) if len(series.readings) > 1 else ''}",
+                    SAFETY,
+                    "labs",
+                )
                 handles, parts, key_ids = self.key_parts(series, skip_last=True)
                 if parts:
-                    self.add("labs", handles, f"{name} earlier: {'; '.join(parts)}; "
-                             f"{self.series_tail(series)}", 1, "lab_trends")
+                    self.add(
+                        "labs",
+                        handles,
+                        f"{name} earlier: {'; '.join(parts)}; {self.series_tail(series)}",
+                        1,
+                        "lab_trends",
+                    )
             else:
                 handles = [self.reading_handle(last)]
                 body = f"{self.when(last.when)} {name} {self.flagged(last, True)}"
@@ -483,32 +544,52 @@ class _Builder:
             self.readings_lines("labs", series, name, key_ids, 4, 5, "lab_abnormal", "lab_normal")
 
     def readings_lines(
-        self, section: str, series: ObservationSeries, name: str, skip: set[int],
-        abnormal_priority: int, normal_priority: int, abnormal_group: str, normal_group: str,
+        self,
+        section: str,
+        series: ObservationSeries,
+        name: str,
+        skip: set[int],
+        abnormal_priority: int,
+        normal_priority: int,
+        abnormal_group: str,
+        normal_group: str,
     ) -> None:
         """One line per reading not already on a summary line, spread for fair cutting."""
         rest = [r for r in series.readings if id(r) not in skip]
         for position, reading in enumerate(rest):
             abnormal = reading.abnormal
-            self.add(section, [self.reading_handle(reading)],
-                     f"{self.when(reading.when)} {name} {self.flagged(reading, False)}",
-                     abnormal_priority if abnormal else normal_priority,
-                     abnormal_group if abnormal else normal_group, spread_rank(position))
+            self.add(
+                section,
+                [self.reading_handle(reading)],
+                f"{self.when(reading.when)} {name} {self.flagged(reading, False)}",
+                abnormal_priority if abnormal else normal_priority,
+                abnormal_group if abnormal else normal_group,
+                spread_rank(position),
+            )
 
     def vitals_section(self) -> None:
         for series in self.stay.vitals:
-            self.summary_and_readings("vitals", series, 2, "vital_summaries",
-                                      (4, 6, "vital_abnormal", "vital_normal"))
+            self.summary_and_readings(
+                "vitals", series, 2, "vital_summaries", (4, 6, "vital_abnormal", "vital_normal")
+            )
 
     def other_observations_section(self) -> None:
         for series in self.stay.observations:
             if series.category not in ("laboratory", "vital-signs"):
-                self.summary_and_readings("other_observations", series,
-                                          3 if series.abnormal else 4, "other_summaries",
-                                          (5, 6, "other_readings", "other_readings"))
+                self.summary_and_readings(
+                    "other_observations",
+                    series,
+                    3 if series.abnormal else 4,
+                    "other_summaries",
+                    (5, 6, "other_readings", "other_readings"),
+                )
 
     def summary_and_readings(
-        self, section: str, series: ObservationSeries, priority: int, group: str,
+        self,
+        section: str,
+        series: ObservationSeries,
+        priority: int,
+        group: str,
         readings: tuple[int, int, str, str],
     ) -> None:
         """A series as one summary line of its key readings, then its other readings."""
@@ -530,7 +611,9 @@ class _Builder:
     def reports_section(self) -> None:
         for report in self.stay.reports:
             handle = self.h(report.ref, "DiagnosticReport")
-            head = f"{self.when(report.when)} {clean(report.concept.label)} ({clean(report.status)})"
+            head = (
+                f"{self.when(report.when)} {clean(report.concept.label)} ({clean(report.status)})"
+            )
             if report.conclusion:
                 conclusion = clean(report.conclusion)
                 if len(conclusion) > CONCLUSION_MAX_CHARS:
@@ -550,16 +633,31 @@ class _Builder:
             status = clean(plan.status)
             if plan.kind == "pending-result":
                 handle = self.h(plan.ref, "Observation")
-                self.add("plans", [handle], f"Result still pending ({status}): {label}, "
-                         f"{self.when(plan.when)}", 1, "pending")
+                self.add(
+                    "plans",
+                    [handle],
+                    f"Result still pending ({status}): {label}, {self.when(plan.when)}",
+                    1,
+                    "pending",
+                )
             elif plan.kind == "care-plan":
                 handle = self.h(plan.ref, "CarePlan")
-                self.add("plans", [handle], f"Care plan ({status}): {label}, from "
-                         f"{self.when(plan.when)}", 2, "care_plans")
+                self.add(
+                    "plans",
+                    [handle],
+                    f"Care plan ({status}): {label}, from {self.when(plan.when)}",
+                    2,
+                    "care_plans",
+                )
             else:
                 handle = self.h(plan.ref, "ServiceRequest")
-                self.add("plans", [handle], f"Open order ({status}): {label}, "
-                         f"{self.when(plan.when)}", 4, "orders")
+                self.add(
+                    "plans",
+                    [handle],
+                    f"Open order ({status}): {label}, {self.when(plan.when)}",
+                    4,
+                    "orders",
+                )
 
     def inpatient_medications_section(self) -> None:
         discharge_refs = {ref for c in self.stay.discharge_medications for ref in c.refs}
@@ -592,17 +690,22 @@ class _Builder:
             first, last = given[0], given[-1]
             summarized += [first] if first is last else [first, last]
             dosages = list(dict.fromkeys(clean(f.dosage) for f in given if f.dosage))
-            span = self.when(first.when) if first is last else \
-                f"{self.when(first.when)} to {self.when(last.when)}"
-            doses = f" ({'; '.join(dosages[:3])}{'; …' if len(dosages) > 3 else ''})" \
-                if dosages else ""
+            span = (
+                self.when(first.when)
+                if first is last
+                else f"{self.when(first.when)} to {self.when(last.when)}"
+            )
+            doses = (
+                f" ({'; '.join(dosages[:3])}{'; …' if len(dosages) > 3 else ''})" if dosages else ""
+            )
             count = len(given)
             parts.append(f"{count} dose{'s' if count != 1 else ''} given {span}{doses}")
         if missed:
             parts.append(f"{len(missed)} not given")
         handles = [self.h(f.ref, _med_type(f)) for f in summarized]
-        self.add("inpatient_medications", handles, f"{drug}: {'; '.join(parts)}", 2,
-                 "drug_summaries")
+        self.add(
+            "inpatient_medications", handles, f"{drug}: {'; '.join(parts)}", 2, "drug_summaries"
+        )
         done = {id(f) for f in summarized}
         rest = [f for f in facts if id(f) not in done]
         for position, fact in enumerate(rest):
@@ -614,8 +717,14 @@ class _Builder:
                 verb = "not given" if fact.status == "not-done" else "given"
                 body = f"{self.when(fact.when)} {verb} {drug}{dose}"
                 group = "administrations"
-            self.add("inpatient_medications", [self.h(fact.ref, _med_type(fact))], body, 5,
-                     group, spread_rank(position))
+            self.add(
+                "inpatient_medications",
+                [self.h(fact.ref, _med_type(fact))],
+                body,
+                5,
+                group,
+                spread_rank(position),
+            )
 
     def notes_section(self) -> None:
         notes = self.stay.notes
@@ -626,7 +735,9 @@ class _Builder:
             text = clean_block(note.text)
             if len(text) > NOTE_MAX_CHARS:
                 more = len(text) - NOTE_MAX_CHARS
-                text = text[:NOTE_MAX_CHARS].rstrip() + f"\n[note truncated: {more:,} more characters]"
+                text = (
+                    text[:NOTE_MAX_CHARS].rstrip() + f"\n[note truncated: {more:,} more characters]"
+                )
             block = (
                 f"{NOTE_OPEN} [{handle}] {title} {self.when(note.when)}\n{text}\n"
                 f"{NOTE_CLOSE} {handle}"
@@ -641,8 +752,11 @@ def _med_type(fact: MedicationFact) -> str:
 
 
 def _med_order(fact: MedicationFact) -> tuple[int, float, str]:
-    return (0 if fact.kind == "request" else 1,
-            fact.when.at.timestamp() if fact.when else 0.0, fact.ref)
+    return (
+        0 if fact.kind == "request" else 1,
+        fact.when.at.timestamp() if fact.when else 0.0,
+        fact.ref,
+    )
 
 
 def _note_type(note: NoteFact) -> str:
@@ -652,12 +766,22 @@ def _note_type(note: NoteFact) -> str:
 def _note_preference(notes: Sequence[NoteFact]) -> dict[str, int]:
     """Which notes to keep first: physician admission, operative and death notes, then
     progress notes from the latest back, then other notes, then nursing notes."""
+
     def kind(note: NoteFact) -> int:
         title = note.title.lower()
         if "nurse" in title or "nursing" in title:
             return 3
-        if any(word in title for word in ("history and physical", "operati", "death",
-                                           "consult", "discharge", "admission")):
+        if any(
+            word in title
+            for word in (
+                "history and physical",
+                "operati",
+                "death",
+                "consult",
+                "discharge",
+                "admission",
+            )
+        ):
             return 0
         return 1 if "progress" in title else 2
 

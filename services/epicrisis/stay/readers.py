@@ -63,3 +63,8 @@ def format_number(value: float) -> str:
     if value == int(value) and abs(value) < 1e15:
         return str(int(value))
     return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def format_days(days: float) -> str:
+    """``1 day``, ``3.8 days``."""
+    return f"{format_number(days)} day" + ("" if days == 1 else "s")

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from epicrisis.stay.context import Stay
+from epicrisis.stay.readers import format_days
 from epicrisis.summary.describe import patient_phrase, value_text
 from epicrisis.summary.model import Sentence
 
@@ -136,8 +137,7 @@ def _outcome(stay: Stay) -> Sentence:
     if enc.end:
         text += f" on {enc.end.short(tz)}"
     if enc.length_of_stay_days is not None:
-        days = enc.length_of_stay_days
-        text += f" after {days:g} day" + ("" if days == 1 else "s")
+        text += f" after {format_days(enc.length_of_stay_days)}"
     return Sentence(text=text + ".", sources=[enc.ref])
 
 

@@ -6,6 +6,7 @@ import re
 import textwrap
 
 from epicrisis.fhir.bundle import DataWarning
+from epicrisis.stay.readers import format_days
 from epicrisis.summary.model import DischargeSummary
 
 WIDTH = 96
@@ -28,7 +29,11 @@ def render_text(summary: DischargeSummary) -> str:
         "=" * len(title),
         f"Patient   {pat.reference}" + (f" ({who})" if who else ""),
         f"Stay      {enc.reference}  {enc.start or '?'} to {enc.end or '?'}"
-        + (f"  ({enc.length_of_stay_days:g} days)" if enc.length_of_stay_days is not None else ""),
+        + (
+            f"  ({format_days(enc.length_of_stay_days)})"
+            if enc.length_of_stay_days is not None
+            else ""
+        ),
     ]
     if enc.admit_source:
         lines.append(f"Admitted  {enc.admit_source}")
