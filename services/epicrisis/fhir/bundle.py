@@ -3,6 +3,10 @@
 Only the shape is checked here (resourceType, id, unique fullUrl); the full R4B validation
 runs later, in :mod:`epicrisis.fhir.validate`, on just the entries the summary reads. That
 split is what keeps a 4 MB Bundle fast without trusting any resource we use.
+
+A fullUrl may repeat only with another ``meta.versionId``, or in a history Bundle (rule
+bdl-7); the index by fullUrl then keeps the first listed, which a history Bundle lists as the
+newest.
 """
 
 from __future__ import annotations
@@ -136,14 +140,16 @@ def ingest(data: bytes, *, limits: Limits | None = None) -> IngestedBundle:
         raise BundleError(f"top-level JSON is {_kind(doc)}; expected a FHIR Bundle object")
     rtype = doc.get("resourceType")
     if rtype != "Bundle":
-        shown = safe_type(rtype) if isinstance(rtype, str) else None
-        hint = f"a bare {shown} resource" if shown else "not a FHIR resource"
+        got = (
+            f"a bare {rtype} resource; wrap resources in a Bundle"
+            if isinstance(rtype, str) and safe_type(rtype) == rtype
+            else "a JSON object with no valid resourceType (not a FHIR resource)"
+        )
         raise BundleError(
-            f"expected resourceType 'Bundle' but got {hint}; wrap resources in a Bundle",
-            location=Location(path="resourceType"),
+            f"expected a FHIR Bundle but got {got}", location=Location(path="resourceType")
         )
     btype = doc.get("type")
-    if btype not in BUNDLE_TYPES:
+    if not isinstance(btype, str) or btype not in BUNDLE_TYPES:
         raise BundleError(
             "Bundle.type is missing or not a FHIR R4 bundle type", location=Location(path="type")
         )
@@ -159,12 +165,13 @@ def ingest(data: bytes, *, limits: Limits | None = None) -> IngestedBundle:
         )
 
     bundle = IngestedBundle(bundle_type=btype, entries=[])
+    seen: dict[tuple[str, str | None], Entry] = {}
     for index, raw in enumerate(raw_entries):
         entry = _shape_checked_entry(index, raw)
         if entry is None:
             continue
         bundle.entries.append(entry)
-        _index_entry(bundle, entry)
+        _index_entry(bundle, entry, seen)
     return bundle
 
 
@@ -202,10 +209,13 @@ def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
     return Entry(index, full_url, rtype, rid, resource)
 
 
-def _index_entry(bundle: IngestedBundle, entry: Entry) -> None:
+def _index_entry(
+    bundle: IngestedBundle, entry: Entry, seen: dict[tuple[str, str | None], Entry]
+) -> None:
     if entry.full_url is not None:
-        twin = bundle.by_full_url.get(entry.full_url)
-        if twin is not None and _version(twin) == _version(entry):
+        key = (entry.full_url, entry_version(entry))
+        twin = seen.get(key)
+        if twin is not None and bundle.bundle_type != "history":
             raise BundleError(
                 f"fullUrl duplicates that of entry[{twin.index}] (rule bdl-7: fullUrl must be unique)",
                 location=Location(
@@ -215,14 +225,19 @@ def _index_entry(bundle: IngestedBundle, entry: Entry) -> None:
                     f"entry[{entry.index}].fullUrl",
                 ),
             )
-        bundle.by_full_url[entry.full_url] = entry
+        seen.setdefault(key, entry)
+        bundle.by_full_url.setdefault(entry.full_url, entry)
     if entry.resource_id:
         bundle.by_type_id.setdefault(f"{entry.resource_type}/{entry.resource_id}", []).append(entry)
 
 
-def _version(entry: Entry) -> object:
+def entry_version(entry: Entry) -> str | None:
+    """The resource's ``meta.versionId``, when it states one (a number read as its digits)."""
     meta = entry.resource.get("meta")
-    return meta.get("versionId") if isinstance(meta, dict) else None
+    version = meta.get("versionId") if isinstance(meta, dict) else None
+    if isinstance(version, int) and not isinstance(version, bool):
+        return str(version)
+    return version if isinstance(version, str) else None
 
 
 def _kind(value: object) -> str:

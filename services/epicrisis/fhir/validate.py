@@ -5,15 +5,33 @@ mode, elements that R4 does not define (real exports carry them, e.g. clinosim's
 ``MedicationAdministration.dosage.timing``) are dropped with a warning and the rest is
 validated again; any other failure makes the entry invalid, and the caller decides whether
 the summary can do without it.
+
+The models are laxer than FHIR JSON: they take ``"1"`` for an integer, a number for a
+dateTime and a string of JSON text for an object. Readers of the returned JSON rely on its
+shape, so a resource the model accepts must also carry every element with its JSON type
+(object, array, string, number, boolean), or it is invalid too.
+
+Only concrete R4 resource types validate, contained ones included: not ``Resource``, not a
+datatype such as ``Coding``, not a name fhir.resources does not know.
+
+Messages name the rule and the JSON path, never a value; a key that is not shaped like a
+FHIR element name (keys can carry anything) is shown as ``<unknown element>``.
 """
 
 from __future__ import annotations
 
 import copy
+import re
+import types
+import typing
+from decimal import Decimal
+from functools import cache, lru_cache
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
+from fhir.resources.R4B.domainresource import DomainResource
+from fhir.resources.R4B.resource import Resource
+from pydantic import BaseModel, ValidationError
 
 from epicrisis.config import Limits
 from epicrisis.errors import EntryError, Location
@@ -26,6 +44,7 @@ _RULES = {
     "string_type": "expected a string",
     "int_type": "expected an integer",
     "int_parsing": "expected an integer",
+    "int_from_float": "expected an integer",
     "float_type": "expected a number",
     "decimal_type": "expected a number",
     "bool_type": "expected true or false",
@@ -33,12 +52,20 @@ _RULES = {
     "dict_type": "expected an object",
     "model_type": "expected an object",
     "model_attributes_type": "expected an object",
+    "model_validation_format": "object is empty or malformed",
+    "json_invalid": "expected an object",
     "value_error": "value does not match its FHIR datatype or invariant",
     "string_pattern_mismatch": "value does not match its FHIR datatype",
     "string_too_short": "string is empty",
     "datetime_type": "expected a FHIR dateTime",
     "date_type": "expected a FHIR date",
+    "resource_type": "resourceType is not a FHIR R4 resource",
+    "unreadable": "resource cannot be read as its FHIR R4 type",
 }
+_ELEMENT_NAME = re.compile(r"_?[a-z][A-Za-z0-9]{0,63}")
+_ABSTRACT = (Resource, DomainResource)
+
+Problem = tuple[str, tuple[int | str, ...]]  # (rule, location inside the resource)
 
 
 def rule_text(error_type: str) -> str:
@@ -48,7 +75,12 @@ def rule_text(error_type: str) -> str:
 def json_path(prefix: str, loc: tuple[int | str, ...]) -> str:
     path = prefix
     for part in loc:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part == "root":
+            continue  # pydantic's name for a root model, not an element of the input
+        else:
+            path += f".{part}" if _ELEMENT_NAME.fullmatch(part) else ".<unknown element>"
     return path
 
 
@@ -66,46 +98,51 @@ def depth(value: Any, limit: int) -> bool:
     return True
 
 
+@lru_cache(maxsize=1024)  # bounded: the names come from the input
+def resource_model(resource_type: str) -> type[BaseModel] | None:
+    """The R4B model of a concrete resource type; None for anything else (datatypes too)."""
+    try:
+        model = get_fhir_model_class(resource_type)
+    except (KeyError, ValueError, AttributeError):
+        return None
+    if not issubclass(model, Resource) or model in _ABSTRACT:
+        return None
+    return model
+
+
 def validate_entry(
     entry: Entry, *, limits: Limits, strict: bool = False
 ) -> tuple[Json, list[DataWarning]]:
     """Validate one resource; return the (possibly cleaned) JSON and warnings, or raise EntryError."""
-    prefix = f"entry[{entry.index}].resource"
+    prefix = _prefix(entry)
     loc = entry.location
+
+    def error(rule: str, at: tuple[int | str, ...]) -> EntryError:
+        return EntryError(
+            rule,
+            location=Location(
+                loc.entry_index, loc.resource_type, loc.resource_id, json_path(prefix, at)
+            ),
+        )
+
     if not depth(entry.resource, limits.max_resource_depth):
-        raise EntryError(
-            f"resource nests deeper than {limits.max_resource_depth} levels",
-            location=Location(loc.entry_index, loc.resource_type, loc.resource_id, prefix),
-        )
-    try:
-        model = get_fhir_model_class(entry.resource_type)
-    except KeyError:
-        raise EntryError(
-            "resourceType is not a FHIR R4 resource",
-            location=Location(
-                loc.entry_index, loc.resource_type, loc.resource_id, f"{prefix}.resourceType"
-            ),
-        ) from None
+        raise error(f"resource nests deeper than {limits.max_resource_depth} levels", ())
+    model = resource_model(entry.resource_type)
+    if model is None:
+        raise error(rule_text("resource_type"), ("resourceType",))
     resource = entry.resource
-    warnings: list[DataWarning] = []
-    try:
-        model.model_validate(resource)
-        return resource, warnings
-    except ValidationError as exc:
-        errors = exc.errors(include_input=False, include_url=False)
-    unknown = [e for e in errors if e["type"] == "extra_forbidden"]
-    if strict or len(unknown) < len(errors):
-        first = next((e for e in errors if e["type"] != "extra_forbidden"), errors[0])
-        raise EntryError(
-            rule_text(first["type"])
-            + (f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""),
-            location=Location(
-                loc.entry_index, loc.resource_type, loc.resource_id, json_path(prefix, first["loc"])
-            ),
-        )
+    problems = _problems(model, resource)
+    if not problems:
+        return resource, []
+    unknown = [p for p in problems if p[0] == "extra_forbidden"]
+    if strict or len(unknown) < len(problems):
+        first = next((p for p in problems if p[0] != "extra_forbidden"), problems[0])
+        more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+        raise error(_rule(model, first) + more, first[1])
     cleaned = copy.deepcopy(resource)
-    for error in unknown:
-        _drop(cleaned, error["loc"])
+    warnings: list[DataWarning] = []
+    for _, at in unknown:
+        _drop(cleaned, at)
         warnings.append(
             DataWarning(
                 code="unknown-element",
@@ -113,24 +150,163 @@ def validate_entry(
                 entry_index=loc.entry_index,
                 resource_type=loc.resource_type,
                 resource_id=loc.resource_id,
-                path=json_path(prefix, error["loc"]),
+                path=json_path(prefix, at),
             )
         )
-    try:
-        model.model_validate(cleaned)
-    except ValidationError as exc:
-        first = exc.errors(include_input=False, include_url=False)[0]
-        raise EntryError(
-            rule_text(first["type"]),
-            location=Location(
-                loc.entry_index, loc.resource_type, loc.resource_id, json_path(prefix, first["loc"])
-            ),
-        ) from None
+    problems = _problems(model, cleaned)
+    if problems:
+        raise error(_rule(model, problems[0]), problems[0][1])
     return cleaned, warnings
 
 
+def _prefix(entry: Entry) -> str:
+    """The JSON path of the resource: ``entry[3].resource``, or its place in a container."""
+    top = f"entry[{entry.index}].resource"
+    if entry.container is None:
+        return top
+    items = entry.container.resource.get("contained")
+    if isinstance(items, list):
+        for position, item in enumerate(items):
+            if item is entry.resource:
+                return f"{top}.contained[{position}]"
+    return f"{top}.contained"
+
+
+def _problems(model: type[BaseModel], resource: Json) -> list[Problem]:
+    """What is wrong with ``resource`` as a ``model``; empty when it is valid."""
+    contained = resource.get("contained")
+    if isinstance(contained, list):
+        for position, item in enumerate(contained):
+            if isinstance(item, dict) and (
+                not isinstance(item.get("resourceType"), str)
+                or resource_model(item["resourceType"]) is None
+            ):
+                return [("resource_type", ("contained", position, "resourceType"))]
+    try:
+        instance = model.model_validate(resource)
+    except ValidationError as exc:
+        return [
+            (e["type"], tuple(e["loc"])) for e in exc.errors(include_input=False, include_url=False)
+        ]
+    except (KeyError, ValueError, TypeError, AttributeError):
+        # fhir.resources raises bare errors on some shapes its validators do not expect
+        return [("unreadable", ())]
+    return _json_types(instance, resource, ())
+
+
+def _json_types(value: Any, raw: Any, at: tuple[int | str, ...]) -> list[Problem]:
+    """The first element of ``raw`` whose JSON type differs from what the model made of it."""
+    if isinstance(value, BaseModel):
+        if not isinstance(raw, dict):
+            return [("dict_type", at)]
+        fields = _fields_by_key(type(value))
+        for key, item in raw.items():
+            name = fields.get(key)
+            if name is not None and item is not None:
+                found = _json_types(getattr(value, name), item, (*at, key))
+                if found:
+                    return found
+        return []
+    if isinstance(value, list):
+        if not isinstance(raw, list) or len(raw) != len(value):
+            return [("list_type", at)]
+        for position, (v, r) in enumerate(zip(value, raw, strict=True)):
+            if r is not None:
+                found = _json_types(v, r, (*at, position))
+                if found:
+                    return found
+        return []
+    if value is None:
+        return []
+    if isinstance(value, bool):
+        ok, rule = isinstance(raw, bool), "bool_type"
+    elif isinstance(value, int):
+        ok, rule = isinstance(raw, int) and not isinstance(raw, bool), "int_type"
+    elif isinstance(value, float | Decimal):
+        ok, rule = isinstance(raw, int | float) and not isinstance(raw, bool), "decimal_type"
+    else:  # strings, codes, dates and times, base64: all JSON strings
+        ok, rule = isinstance(raw, str), "string_type"
+    return [] if ok else [(rule, at)]
+
+
+@cache
+def _fields_by_key(model: type[BaseModel]) -> dict[str, str]:
+    """JSON key (``class``, ``_status``) to attribute name (``class_fhir``, ``status__ext``)."""
+    return {(field.alias or name): name for name, field in model.model_fields.items()}
+
+
+def _rule(model: type[BaseModel], problem: Problem) -> str:
+    """The rule broken, naming the FHIR datatype expected when the model says which."""
+    kind, at = problem
+    if kind == "model_validation_format" and at[-1:] == ("root",):
+        return "expected an object"
+    if kind in ("value_error", "string_pattern_mismatch"):
+        expected = _fhir_type(model, at)
+        if expected is not None:
+            return f"value is not a valid FHIR {expected}"
+    return rule_text(kind)
+
+
+def _fhir_type(model: type[BaseModel], at: tuple[int | str, ...]) -> str | None:
+    """``dateTime`` for ``period.start`` of an Encounter: the primitive type at a path."""
+    current: type[BaseModel] | None = model
+    annotation: Any = None
+    for part in at:
+        if isinstance(part, int):
+            continue
+        if current is None:
+            return None
+        name = _fields_by_key(current).get(part)
+        if name is None:
+            return None
+        annotation = current.model_fields[name].annotation
+        current = _complex_type(annotation)
+    if annotation is None or current is not None:
+        return None
+    return _primitive_name(annotation)
+
+
+def _unwrapped(annotation: Any) -> Any:
+    """The element type of ``Optional[List[X]]`` and the like."""
+    while typing.get_origin(annotation) in (typing.Union, types.UnionType, list):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if not args:
+            return None
+        annotation = args[0]
+    return annotation
+
+
+def _complex_type(annotation: Any) -> type[BaseModel] | None:
+    inner = _unwrapped(annotation)
+    name = getattr(inner, "__name__", "")
+    if typing.get_origin(inner) is typing.Annotated or not name.endswith("Type"):
+        return None
+    try:
+        found = get_fhir_model_class(name.removesuffix("Type"))
+    except (KeyError, ValueError, AttributeError):
+        return None
+    return found if isinstance(found, type) and issubclass(found, BaseModel) else None
+
+
+def _primitive_name(annotation: Any) -> str | None:
+    inner = _unwrapped(annotation)
+    if typing.get_origin(inner) is typing.Annotated:
+        for meta in typing.get_args(inner)[1:]:
+            name = type(meta).__name__
+            if name and name[0].isupper():
+                return name[0].lower() + name[1:]
+    if inner is bool:
+        return "boolean"
+    return None
+
+
 def _drop(node: Any, loc: tuple[int | str, ...]) -> None:
+    """Remove the element at ``loc``; a path that is not in the JSON leaves it unchanged."""
     for part in loc[:-1]:
+        in_dict = isinstance(node, dict) and isinstance(part, str) and part in node
+        in_list = isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        if not (in_dict or in_list):
+            return
         node = node[part]
-    if isinstance(node, dict):
+    if isinstance(node, dict) and loc:
         node.pop(loc[-1], None)

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 from epicrisis.config import Limits
-from epicrisis.errors import EntryError, StayError
+from epicrisis.errors import EntryError, Location, StayError
 from epicrisis.fhir.bundle import Entry, IngestedBundle, Json
 from epicrisis.fhir.references import ReferenceResolver, reference_of
 from epicrisis.fhir.validate import validate_entry
@@ -64,7 +64,7 @@ class _Reader:
 
     def read(self, entry: Entry) -> Json | None:
         """The validated resource, or None (with a warning) when it is invalid."""
-        key = id(entry)
+        key = id(entry.resource)  # raw JSON objects live as long as the Bundle: a stable key
         if key not in self._cache:
             try:
                 resource, warnings = validate_entry(entry, limits=self.limits)
@@ -79,8 +79,8 @@ class _Reader:
                 self._cache[key] = None
         return self._cache[key]
 
-    def follow(self, value: Any, source: Entry) -> Entry | None:
-        """Resolve a Reference; a dangling one becomes a warning."""
+    def follow(self, value: Any, source: Entry, path: str) -> Entry | None:
+        """Resolve the Reference at ``path`` (under the resource); a dangling one is a warning."""
         ref = reference_of(value)
         if ref is None:
             return None
@@ -90,7 +90,12 @@ class _Reader:
             self.bundle.warn(
                 "dangling-reference",
                 "reference does not resolve to an entry of the Bundle",
-                location=loc,
+                location=Location(
+                    loc.entry_index,
+                    loc.resource_type,
+                    loc.resource_id,
+                    f"entry[{source.index}].resource.{path}",
+                ),
             )
         return target
 
@@ -183,7 +188,7 @@ class _Scope:
         ]
         named += stay.resource.get("reasonReference") or []
         self.named_conditions = {
-            id(target)
+            id(target.resource)
             for target in (reader.resolver.resolve_field(n, source=stay) for n in named)
             if target
         }
@@ -245,7 +250,7 @@ class _Scope:
 
 
 def _patient_entry(reader: _Reader, enc_entry: Entry, encounter: Json) -> Entry:
-    target = reader.follow(encounter.get("subject"), enc_entry)
+    target = reader.follow(encounter.get("subject"), enc_entry, "subject")
     if target is not None and target.resource_type == "Patient":
         return target
     patients = reader.bundle.of_type("Patient")
@@ -322,7 +327,7 @@ def _condition(reader: _Reader, entry: Entry, scope: _Scope) -> ConditionFact | 
         abatement=parse_when(
             cond.get("abatementDateTime") or (cond.get("abatementPeriod") or {}).get("start")
         ),
-        of_this_stay=scope.links_to_stay(entry) or id(entry) in scope.named_conditions,
+        of_this_stay=scope.links_to_stay(entry) or id(entry.resource) in scope.named_conditions,
     )
 
 
@@ -331,8 +336,8 @@ def _diagnoses(
 ) -> tuple[DiagnosisFact, ...]:
     by_ref = {c.ref: c for c in conditions}
     found = []
-    for item in enc.get("diagnosis") or []:
-        target = reader.follow(item.get("condition"), enc_entry)
+    for index, item in enumerate(enc.get("diagnosis") or []):
+        target = reader.follow(item.get("condition"), enc_entry, f"diagnosis[{index}].condition")
         if target is None or target.local_ref not in by_ref:
             continue  # dangling, a Procedure, refuted or invalid: nothing to cite
         rank = item.get("rank") if isinstance(item.get("rank"), int) else None
@@ -384,7 +389,9 @@ def _medications(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[Medicat
                 continue
             drug = drug_of(resource)
             if drug is None:
-                target = reader.follow(resource.get("medicationReference"), entry)
+                target = reader.follow(
+                    resource.get("medicationReference"), entry, "medicationReference"
+                )
                 med = reader.read(target) if target is not None else None
                 drug = concept_of(med.get("code")) if med else None
             if drug is None:

@@ -29,21 +29,28 @@ class When:
             return f"{self.at.year:04d}-{self.at.month:02d}"
         if self.precision == "day":
             return self.at.date().isoformat()
-        at = self.at.astimezone(tz) if tz is not None else self.at
-        return at.isoformat(timespec="seconds")
+        return self._in(tz).isoformat(timespec="seconds")
 
     def short(self, tz: tzinfo | None = None) -> str:
         """``2024-06-16 08:10`` (minutes, no offset): for lines whose offset is stated once."""
         if self.precision != "second":
             return self.iso(tz)
-        at = self.at.astimezone(tz) if tz is not None else self.at
-        return at.strftime("%Y-%m-%d %H:%M")
+        return self._in(tz).strftime("%Y-%m-%d %H:%M")
 
     def date(self, tz: tzinfo | None = None) -> str:
         if self.precision in ("year", "month"):
             return self.iso()
-        at = self.at.astimezone(tz) if tz is not None and self.precision == "second" else self.at
+        at = self._in(tz) if self.precision == "second" else self.at
         return at.date().isoformat()
+
+    def _in(self, tz: tzinfo | None) -> datetime:
+        """This instant in ``tz``; as written when the shift would leave years 1-9999."""
+        if tz is None:
+            return self.at
+        try:
+            return self.at.astimezone(tz)
+        except OverflowError:
+            return self.at
 
 
 def parse_when(value: object, default_tz: tzinfo = UTC) -> When | None:
@@ -62,6 +69,10 @@ def parse_when(value: object, default_tz: tzinfo = UTC) -> When | None:
         return None
     if at.tzinfo is None:  # R4 requires an offset with a time; tolerate its absence
         at = at.replace(tzinfo=default_tz)
+    try:
+        at.astimezone(UTC)  # an offset that pushes it out of years 1-9999 is unusable
+    except OverflowError:
+        return None
     return When(at, "second")
 
 

@@ -57,7 +57,7 @@ def render_fhir(summary: DischargeSummary, *, version: str) -> str:
         "id": bundle_id,
         "identifier": {"system": "urn:ietf:rfc:3986", "value": f"urn:uuid:{bundle_id}"},
         "type": "document",
-        "timestamp": date if "T" in date else f"{date}T00:00:00Z",
+        "timestamp": _instant(date),
         "entry": [
             {"fullUrl": f"urn:uuid:{doc_id}", "resource": composition},
             {"fullUrl": f"urn:uuid:{device_id}", "resource": device},
@@ -93,3 +93,11 @@ def _section(section: Section) -> dict[str, Any]:
             "coding": [{"system": EMPTY_REASON, "code": "unavailable", "display": "Unavailable"}]
         }
     return out
+
+
+def _instant(value: str) -> str:
+    """A FHIR instant from a dateTime of any precision (2024, 2024-06, 2024-06-19, full)."""
+    if "T" in value:
+        return value
+    year, month, day = ([*value.split("-"), "01", "01"])[:3]
+    return f"{year}-{month}-{day}T00:00:00Z"

@@ -1,0 +1,156 @@
+"""The ``epicrisis`` console script as users run it: exit codes, stderr, stdout bytes.
+
+Contract (DESIGN.md section 7): exit 0 on success; bad input exits non-zero with exactly one
+line on stderr, starting ``epicrisis:``, never a traceback and never the input's content.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EPICRISIS = Path(sys.executable).parent / "epicrisis"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SENTINEL = "ZEBRA-SENTINEL"
+
+BARE_PATIENT = json.dumps(
+    {"resourceType": "Patient", "id": "p", "name": [{"family": SENTINEL}]}
+).encode()
+NO_STAY = json.dumps(
+    {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "entry": [
+            {"resource": {"resourceType": "Patient", "id": "p", "name": [{"text": SENTINEL}]}},
+            {
+                "resource": {
+                    "resourceType": "Encounter",
+                    "id": "visit",
+                    "status": "finished",
+                    "class": {"code": "AMB"},
+                    "subject": {"reference": "Patient/p"},
+                    "reasonCode": [{"text": SENTINEL}],
+                }
+            },
+        ],
+    }
+).encode()
+
+
+def run(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [str(EPICRISIS), *args], input=stdin, capture_output=True, timeout=60, check=False
+    )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _console_script() -> None:
+    if not EPICRISIS.exists():
+        pytest.fail(f"console script not installed at {EPICRISIS} (pip install -e '.[dev]')")
+
+
+def assert_one_clean_line(result: subprocess.CompletedProcess[bytes], *words: str) -> str:
+    assert result.returncode != 0
+    assert result.stdout == b""
+    err = result.stderr.decode("utf-8")
+    assert err.endswith("\n") and err.count("\n") == 1, err
+    assert err.startswith("epicrisis: "), err
+    assert "Traceback" not in err
+    assert SENTINEL not in err
+    for word in words:
+        assert word in err, f"{word!r} not in {err!r}"
+    return err
+
+
+BAD = [
+    # id, file content (None: no such file), words in the one line
+    ("not-json", f"{SENTINEL} is not JSON".encode(), ["invalid input", "not valid JSON"]),
+    ("empty", b"", ["invalid input", "empty"]),
+    ("bare-resource", BARE_PATIENT, ["invalid input", "bare Patient resource", "Bundle"]),
+    ("no-inpatient-stay", NO_STAY, ["invalid input", "no finished inpatient", "--encounter"]),
+    (
+        "invalid-utf8",
+        BARE_PATIENT.replace(SENTINEL.encode(), b"\xc3\x28" + SENTINEL.encode()),
+        ["invalid input", "UTF-8"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("content", "words"), [pytest.param(*c[1:], id=c[0]) for c in BAD])
+def test_bad_input_file_gives_one_line(tmp_path: Path, content: bytes, words: list[str]) -> None:
+    path = tmp_path / "input.json"
+    path.write_bytes(content)
+    result = run("summarize", str(path))
+    assert result.returncode == 2
+    assert_one_clean_line(result, *words)
+
+
+@pytest.mark.parametrize("command", ["summarize", "prompt"])
+@pytest.mark.parametrize(("content", "words"), [pytest.param(*c[1:], id=c[0]) for c in BAD])
+def test_bad_input_on_stdin_gives_one_line(command: str, content: bytes, words: list[str]) -> None:
+    result = run(command, "-", stdin=content)
+    assert result.returncode == 2
+    assert_one_clean_line(result, *words)
+
+
+def test_missing_file_gives_one_line(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere.json"
+    result = run("summarize", str(missing))
+    assert result.returncode == 2
+    assert_one_clean_line(result, "no such file", str(missing))
+
+
+def test_directory_instead_of_a_file_gives_one_line(tmp_path: Path) -> None:
+    assert_one_clean_line(run("summarize", str(tmp_path)), "directory")
+
+
+def test_no_input_at_all_gives_one_line() -> None:
+    assert_one_clean_line(run("summarize"), "no input", "--sample")
+
+
+def test_named_encounter_that_is_absent_gives_one_line() -> None:
+    result = run("summarize", str(FIXTURES / "collection-relative.json"), "--encounter", "nope")
+    assert result.returncode == 2
+    assert_one_clean_line(result, "no Encounter with id nope")
+
+
+def test_strict_refuses_an_invalid_entry_with_one_line() -> None:
+    result = run("summarize", str(FIXTURES / "degraded.json"), "--strict")
+    assert result.returncode == 2
+    assert_one_clean_line(result, "entry[3] Observation/obs-bad", "valueQuantity.value")
+
+
+@pytest.mark.parametrize("fmt", ["json", "text", "fhir"])
+def test_sample_summarizes_in_every_format_deterministically(fmt: str) -> None:
+    first = run("summarize", "--sample", "--format", fmt)
+    assert first.returncode == 0, first.stderr.decode()
+    assert first.stderr == b""
+    assert first.stdout.endswith(b"\n") and len(first.stdout) > 500
+    if fmt == "json":
+        summary = json.loads(first.stdout)
+        assert summary["kind"] in ("discharge-summary", "death-summary")
+        assert summary["encounter"]["reference"].startswith("Encounter/")
+    elif fmt == "fhir":
+        document = json.loads(first.stdout)
+        assert document["resourceType"] == "Bundle"
+        assert document["type"] == "document"
+        assert document["entry"][0]["resource"]["resourceType"] == "Composition"
+    else:
+        assert b"SUMMARY" in first.stdout.splitlines()[0]
+    second = run("summarize", "--sample", "--format", fmt)
+    assert second.returncode == 0
+    assert second.stdout == first.stdout  # byte for byte
+
+
+def test_file_and_stdin_give_the_same_bytes() -> None:
+    path = FIXTURES / "collection-relative.json"
+    from_file = run("summarize", str(path), "--format", "json")
+    from_stdin = run("summarize", "-", "--format", "json", stdin=path.read_bytes())
+    again = run("summarize", "-", "--format", "json", stdin=path.read_bytes())
+    assert from_file.returncode == from_stdin.returncode == 0
+    assert from_file.stdout == from_stdin.stdout == again.stdout
+    assert json.loads(from_file.stdout)["encounter"]["reference"] == "Encounter/enc-1"
