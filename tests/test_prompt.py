@@ -108,72 +108,175 @@ def concept(text: str, code: str | None = None, display: str | None = None) -> C
     return Concept(text, (Coding("http://example.org", code, display),) if code else ())
 
 
-def reading(ref: str, when: When, value: float, unit: str, low: float | None,
-            high: float | None) -> Reading:
+def reading(
+    ref: str, when: When, value: float, unit: str, low: float | None, high: float | None
+) -> Reading:
     return Reading(ref, when, value, None, unit, low, high, None, (), "final")
 
 
-def make_stay(*, died: bool = False, heart_rates: int = 6,
-              note_text: str = "Patient improving on antibiotics.") -> Stay:
+def make_stay(
+    *,
+    died: bool = False,
+    heart_rates: int = 6,
+    note_text: str = "Patient improving on antibiotics.",
+) -> Stay:
     """A small hand-made stay with every section, so verifier tests need no corpus."""
-    pneumonia = ConditionFact("Condition/pna", concept("Lobar pneumonia", "J18.1"), "active",
-                              "confirmed", ("encounter-diagnosis",), at(10), None, True)
-    diabetes = ConditionFact("Condition/dm", concept("Type 2 diabetes mellitus", "E11.9"),
-                             "active", "confirmed", ("encounter-diagnosis",), None, None, True)
+    pneumonia = ConditionFact(
+        "Condition/pna",
+        concept("Lobar pneumonia", "J18.1"),
+        "active",
+        "confirmed",
+        ("encounter-diagnosis",),
+        at(10),
+        None,
+        True,
+    )
+    diabetes = ConditionFact(
+        "Condition/dm",
+        concept("Type 2 diabetes mellitus", "E11.9"),
+        "active",
+        "confirmed",
+        ("encounter-diagnosis",),
+        None,
+        None,
+        True,
+    )
     diagnoses = (DiagnosisFact(pneumonia, "DD", 1), DiagnosisFact(diabetes, "CM", 2))
-    creatinine = ObservationSeries(concept("Creatinine [Mass/volume] in Serum or Plasma"),
-                                   "laboratory", (
-        reading("Observation/cr-1", at(10, 9), 1.4, "mg/dL", 0.6, 1.2),
-        reading("Observation/cr-2", at(11, 6), 2.3, "mg/dL", 0.6, 1.2),
-        reading("Observation/cr-3", at(12, 6), 1.9, "mg/dL", 0.6, 1.2),
-        reading("Observation/cr-4", at(13, 6), 1.5, "mg/dL", 0.6, 1.2),
-    ))
-    sodium = ObservationSeries(concept("Sodium [Moles/volume] in Serum or Plasma"), "laboratory",
-                               (reading("Observation/na-1", at(10, 9), 139, "mmol/L", 135, 145),))
-    heart = ObservationSeries(concept("Heart rate"), "vital-signs", tuple(
-        reading(f"Observation/hr-{i}", at(10 + i // 4, 2 + 4 * (i % 4)), 70 + i * 3, "/min", 60,
-                100)
-        for i in range(heart_rates)
-    ))
+    creatinine = ObservationSeries(
+        concept("Creatinine [Mass/volume] in Serum or Plasma"),
+        "laboratory",
+        (
+            reading("Observation/cr-1", at(10, 9), 1.4, "mg/dL", 0.6, 1.2),
+            reading("Observation/cr-2", at(11, 6), 2.3, "mg/dL", 0.6, 1.2),
+            reading("Observation/cr-3", at(12, 6), 1.9, "mg/dL", 0.6, 1.2),
+            reading("Observation/cr-4", at(13, 6), 1.5, "mg/dL", 0.6, 1.2),
+        ),
+    )
+    sodium = ObservationSeries(
+        concept("Sodium [Moles/volume] in Serum or Plasma"),
+        "laboratory",
+        (reading("Observation/na-1", at(10, 9), 139, "mmol/L", 135, 145),),
+    )
+    heart = ObservationSeries(
+        concept("Heart rate"),
+        "vital-signs",
+        tuple(
+            reading(
+                f"Observation/hr-{i}", at(10 + i // 4, 2 + 4 * (i % 4)), 70 + i * 3, "/min", 60, 100
+            )
+            for i in range(heart_rates)
+        ),
+    )
     metformin = Concept("Metformin 500 MG Oral Tablet", (Coding("rx", "861007", None),))
     amoxicillin = Concept("Amoxicillin 500 MG Oral Capsule", ())
     ceftriaxone = Concept("Ceftriaxone", ())
     medications = (
-        MedicationFact("MedicationRequest/metformin-home", "request", metformin, "active",
-                       "community", None, "500 mg twice daily", False),
-        MedicationFact("MedicationRequest/amox-dc", "request", amoxicillin, "active",
-                       "discharge", at(13), "500 mg three times daily for 5 days", True),
-        MedicationFact("MedicationRequest/ctx", "request", ceftriaxone, "completed", "inpatient",
-                       at(10, 10), "1 g IV daily", True),
-        MedicationFact("MedicationAdministration/ctx-1", "administration", ceftriaxone,
-                       "completed", "inpatient", at(10, 11), "1 g", True),
-        MedicationFact("MedicationAdministration/ctx-2", "administration", ceftriaxone,
-                       "completed", "inpatient", at(11, 11), "1 g", True),
+        MedicationFact(
+            "MedicationRequest/metformin-home",
+            "request",
+            metformin,
+            "active",
+            "community",
+            None,
+            "500 mg twice daily",
+            False,
+        ),
+        MedicationFact(
+            "MedicationRequest/amox-dc",
+            "request",
+            amoxicillin,
+            "active",
+            "discharge",
+            at(13),
+            "500 mg three times daily for 5 days",
+            True,
+        ),
+        MedicationFact(
+            "MedicationRequest/ctx",
+            "request",
+            ceftriaxone,
+            "completed",
+            "inpatient",
+            at(10, 10),
+            "1 g IV daily",
+            True,
+        ),
+        MedicationFact(
+            "MedicationAdministration/ctx-1",
+            "administration",
+            ceftriaxone,
+            "completed",
+            "inpatient",
+            at(10, 11),
+            "1 g",
+            True,
+        ),
+        MedicationFact(
+            "MedicationAdministration/ctx-2",
+            "administration",
+            ceftriaxone,
+            "completed",
+            "inpatient",
+            at(11, 11),
+            "1 g",
+            True,
+        ),
     )
     discharge = (
-        MedicationChange(amoxicillin, "new", "500 mg three times daily for 5 days", None,
-                         ("MedicationRequest/amox-dc",)),
-        MedicationChange(metformin, "continued", "500 mg twice daily", None,
-                         ("MedicationRequest/metformin-home",)),
+        MedicationChange(
+            amoxicillin,
+            "new",
+            "500 mg three times daily for 5 days",
+            None,
+            ("MedicationRequest/amox-dc",),
+        ),
+        MedicationChange(
+            metformin,
+            "continued",
+            "500 mg twice daily",
+            None,
+            ("MedicationRequest/metformin-home",),
+        ),
     )
-    allergy = AllergyFact("AllergyIntolerance/pcn", concept("Penicillin G"), "active",
-                          "confirmed", "high", ("Hives",))
+    allergy = AllergyFact(
+        "AllergyIntolerance/pcn", concept("Penicillin G"), "active", "confirmed", "high", ("Hives",)
+    )
     disposition = concept("Expired", "exp") if died else concept("Home", "home")
     encounter = EncounterFacts(
-        ref="Encounter/stay-1", status="finished", class_code="IMP", types=(), start=at(10, 7),
-        end=at(13, 15), length_of_stay_days=3.3, reasons=(concept("Cough and fever"),),
-        reason_refs=(), admit_source=concept("Emergency department"), disposition=disposition,
-        service=None, diagnoses=diagnoses, tz=TZ,
+        ref="Encounter/stay-1",
+        status="finished",
+        class_code="IMP",
+        types=(),
+        start=at(10, 7),
+        end=at(13, 15),
+        length_of_stay_days=3.3,
+        reasons=(concept("Cough and fever"),),
+        reason_refs=(),
+        admit_source=concept("Emergency department"),
+        disposition=disposition,
+        service=None,
+        diagnoses=diagnoses,
+        tz=TZ,
     )
     patient = PatientFacts("Patient/p1", "female", None, 71, at(13, 14) if died else None)
     return Stay(
-        patient=patient, encounter=encounter, diagnoses=diagnoses,
-        stay_conditions=(pneumonia, diabetes), problems=(),
-        observations=(creatinine, sodium, heart), procedures=(), medications=medications,
-        discharge_medications=discharge, allergies=(allergy,), reports=(),
+        patient=patient,
+        encounter=encounter,
+        diagnoses=diagnoses,
+        stay_conditions=(pneumonia, diabetes),
+        problems=(),
+        observations=(creatinine, sodium, heart),
+        procedures=(),
+        medications=medications,
+        discharge_medications=discharge,
+        allergies=(allergy,),
+        reports=(),
         notes=(NoteFact("DocumentReference/note-1", "Progress note", at(12, 9), note_text),),
-        plans=(PlanFact("ServiceRequest/cxr", concept("Chest X-ray in 6 weeks"), "order",
-                        "active", at(13)),),
+        plans=(
+            PlanFact(
+                "ServiceRequest/cxr", concept("Chest X-ray in 6 weeks"), "order", "active", at(13)
+            ),
+        ),
         died_in_hospital=died,
     )
 
@@ -211,8 +314,10 @@ def recount(tokenizer: Tokenizer, prompt: PromptResult) -> int:
 @pytest.mark.corpus
 @pytest.mark.parametrize("budget", BUDGETS)
 def test_every_corpus_stay_fits_with_its_safety_set(
-    corpus: dict[str, Stay], corpus_prompts: dict[tuple[str, int], PromptResult],
-    llama: Tokenizer, budget: int,
+    corpus: dict[str, Stay],
+    corpus_prompts: dict[tuple[str, int], PromptResult],
+    llama: Tokenizer,
+    budget: int,
 ) -> None:
     assert len(corpus) == 24 + 15
     for name, stay in corpus.items():
@@ -240,8 +345,9 @@ def test_dense_stays_say_what_was_cut(
     prompt = corpus_prompts[("clinosim/sepsis_2.json", 3072)]
     cut = {o.group: o for o in prompt.omitted}
     assert "vital_normal" in cut and "notes" in cut
-    assert re.search(r"\(\d[\d,]* normal vital-sign readings omitted for length, [\d,]+ tokens\)",
-                     prompt.user)
+    assert re.search(
+        r"\(\d[\d,]* normal vital-sign readings omitted for length, [\d,]+ tokens\)", prompt.user
+    )
     assert re.search(r"\(\d[\d,]* notes omitted for length, [\d,]+ tokens\)", prompt.user)
     roomy = corpus_prompts[("clinosim/sepsis_2.json", 6144)]
     assert sum(o.count for o in roomy.omitted) < sum(o.count for o in prompt.omitted)
@@ -260,7 +366,8 @@ def test_system_message_is_identical_across_stays(
 
 @pytest.mark.corpus
 def test_estimate_never_undercounts_beyond_the_stated_margin(
-    corpus: dict[str, Stay], corpus_prompts: dict[tuple[str, int], PromptResult],
+    corpus: dict[str, Stay],
+    corpus_prompts: dict[tuple[str, int], PromptResult],
     llama: Tokenizer,
 ) -> None:
     estimate = EstimateTokenizer()
@@ -268,8 +375,11 @@ def test_estimate_never_undercounts_beyond_the_stated_margin(
         exact = prompt.token_count
         assert recount(estimate, prompt) >= exact * (1 - ESTIMATE_UNDERCOUNT_MARGIN), name
     # Prompts packed with the estimate alone still fit the real budget.
-    for name in ("clinosim/sepsis_2.json", "clinosim/acute_mi_1.json",
-                 "synthea-r4/Fletcher_Hyatt_fe0562b5-f517-4951-8366-32fdab088930.json"):
+    for name in (
+        "clinosim/sepsis_2.json",
+        "clinosim/acute_mi_1.json",
+        "synthea-r4/Fletcher_Hyatt_fe0562b5-f517-4951-8366-32fdab088930.json",
+    ):
         prompt = build_messages(corpus[name], tokenizer=estimate, max_input_tokens=3072)
         assert not prompt.exact
         exact = recount(llama, prompt)
@@ -280,7 +390,8 @@ def test_estimate_never_undercounts_beyond_the_stated_margin(
 
 @pytest.mark.corpus
 def test_handles_are_stable_and_unique(
-    corpus: dict[str, Stay], corpus_prompts: dict[tuple[str, int], PromptResult],
+    corpus: dict[str, Stay],
+    corpus_prompts: dict[tuple[str, int], PromptResult],
 ) -> None:
     stay = corpus["clinosim/sepsis_2.json"]
     small, large = (corpus_prompts[("clinosim/sepsis_2.json", b)] for b in (3072, 6144))
@@ -294,8 +405,9 @@ def test_handles_are_stable_and_unique(
     creatinine = next(s for s in stay.labs if s.concept.label.startswith("Creatinine"))
     keys = {full.handle(r.ref) for r in creatinine.key_readings()}
     assert len(keys) == len({r.ref for r in creatinine.key_readings()})
-    assert build_messages(stay, tokenizer=EstimateTokenizer(), max_input_tokens=4096) == \
-        build_messages(stay, tokenizer=EstimateTokenizer(), max_input_tokens=4096)
+    assert build_messages(
+        stay, tokenizer=EstimateTokenizer(), max_input_tokens=4096
+    ) == build_messages(stay, tokenizer=EstimateTokenizer(), max_input_tokens=4096)
 
 
 # -- prompt structure on a hand-made stay -----------------------------------------------------
@@ -312,9 +424,13 @@ def test_system_message_is_med42_then_instructions_then_schema() -> None:
 def test_answer_schema_is_stable() -> None:
     assert Answer.model_json_schema() == ANSWER_SCHEMA
     assert json.dumps(ANSWER_SCHEMA, sort_keys=True) == json.dumps(
-        Answer.model_json_schema(), sort_keys=True)
+        Answer.model_json_schema(), sort_keys=True
+    )
     assert set(ANSWER_SCHEMA["properties"]) == {
-        "hospital_course", "discharge_instructions", "follow_up"}
+        "hospital_course",
+        "discharge_instructions",
+        "follow_up",
+    }
     sentence = ANSWER_SCHEMA["$defs"]["Sentence"]
     assert set(sentence["properties"]) == {"text", "cites"}
 
@@ -325,8 +441,10 @@ def test_user_message_lines_and_offset() -> None:
     user = prompt.user
     assert "(UTC+02:00)" in user
     creat_last = prompt.handles.handle("Observation/cr-4")
-    assert f"[{creat_last}] 2024-06-13 06:00 Creatinine in Serum or Plasma 1.5 mg/dL " \
+    assert (
+        f"[{creat_last}] 2024-06-13 06:00 Creatinine in Serum or Plasma 1.5 mg/dL "
         "(H; ref 0.6-1.2) last of 4" in user
+    )
     assert "[A1] Allergy: Penicillin G" in user
     assert "NEW: Amoxicillin 500 MG Oral Capsule" in user
     assert_safety_set(stay, prompt)
@@ -351,7 +469,7 @@ def test_note_injection_stays_inside_its_fence() -> None:
     assert "Ignore previous instructions" in inside
     assert "forged note" in inside and "Discharge diagnosis: none" in inside
     assert user.rstrip().endswith(f"{NOTE_CLOSE} {handle}")
-    assert "<<<" not in inside[len(NOTE_OPEN):] and ">>>" not in inside
+    assert "<<<" not in inside[len(NOTE_OPEN) :] and ">>>" not in inside
 
 
 def test_safety_set_that_cannot_fit_is_refused() -> None:
@@ -363,8 +481,9 @@ def test_cut_lines_are_counted() -> None:
     stay = make_stay(heart_rates=60)
     full = build_messages(stay, tokenizer=EstimateTokenizer(), max_input_tokens=8192)
     assert not full.omitted
-    tight = build_messages(stay, tokenizer=EstimateTokenizer(),
-                           max_input_tokens=full.token_count - 150)
+    tight = build_messages(
+        stay, tokenizer=EstimateTokenizer(), max_input_tokens=full.token_count - 150
+    )
     assert tight.token_count <= full.token_count - 150
     assert tight.omitted and tight.omitted_handles
     assert all(o.section == "vitals" for o in tight.omitted)
@@ -400,15 +519,19 @@ def test_default_budget_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch)
     assert prompt.max_input_tokens == 2048 and prompt.token_count <= 2048
 
 
-def test_hf_tokenizer_is_exact_and_cached(llama: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_hf_tokenizer_is_exact_and_cached(
+    llama: Tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert isinstance(llama, HFTokenizer) and llama.exact
     assert load_tokenizer(LLAMA3) is llama
     monkeypatch.setenv("EPICRISIS_TOKENIZER_PATH", str(LLAMA3))
     assert load_tokenizer(None) is llama
     assert llama.count("Creatinine 2.1 mg/dL") == 9
-    overhead = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nA<|eot_id|>" \
-        "<|start_header_id|>user<|end_header_id|>\n\nB<|eot_id|>" \
+    overhead = (
+        "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nA<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nB<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )
     assert llama.count(overhead) == chat_overhead(2) + 2
 
 
@@ -428,16 +551,25 @@ def h(prompt: PromptResult, ref: str) -> str:
 
 
 def good_answer(prompt: PromptResult) -> dict[str, Any]:
-    pna, cr1, cr2, cr4 = (h(prompt, r) for r in (
-        "Condition/pna", "Observation/cr-1", "Observation/cr-2", "Observation/cr-4"))
-    amox, ctx, cxr = (h(prompt, r) for r in (
-        "MedicationRequest/amox-dc", "MedicationRequest/ctx", "ServiceRequest/cxr"))
+    pna, cr1, cr2, cr4 = (
+        h(prompt, r)
+        for r in ("Condition/pna", "Observation/cr-1", "Observation/cr-2", "Observation/cr-4")
+    )
+    amox, ctx, cxr = (
+        h(prompt, r)
+        for r in ("MedicationRequest/amox-dc", "MedicationRequest/ctx", "ServiceRequest/cxr")
+    )
     return {
         "hospital_course": [
-            {"text": "The patient was admitted on 2024-06-10 with lobar pneumonia.",
-             "cites": [pna, "E1"]},
-            {"text": "Creatinine rose from 1.4 to a peak of 2.3 mg/dL and was 1.5 mg/dL at "
-                     "discharge.", "cites": [cr1, cr2, cr4]},
+            {
+                "text": "The patient was admitted on 2024-06-10 with lobar pneumonia.",
+                "cites": [pna, "E1"],
+            },
+            {
+                "text": "Creatinine rose from 1.4 to a peak of 2.3 mg/dL and was 1.5 mg/dL at "
+                "discharge.",
+                "cites": [cr1, cr2, cr4],
+            },
             {"text": "She received IV ceftriaxone 1 g daily.", "cites": [ctx]},
         ],
         "discharge_instructions": [
@@ -482,18 +614,23 @@ def mutated(prompt: PromptResult, section: str, index: int, **changes: Any) -> d
     return answer
 
 
-@pytest.mark.parametrize(("changes", "rule"), [
-    ({"cites": ["C99"]}, "unknown-handle"),
-    ({"cites": ["not a handle"]}, "unknown-handle"),
-    ({"cites": []}, "missing-cites"),
-    ({"text": "Creatinine peaked at 3.1 mg/dL."}, "numbers"),
-    ({"text": "Creatinine peaked at 2.3 mg/dL on 2024-06-12."}, "numbers"),
-    ({"text": "Creatinine peaked at 2.3 mg/dL while on metformin."}, "drugs"),
-    ({"text": "Creatinine peaked at 2.3 mg/dL with pneumonia."}, "diagnoses"),
-    ({"extra": "field"}, "schema"),
-])
+@pytest.mark.parametrize(
+    ("changes", "rule"),
+    [
+        ({"cites": ["C99"]}, "unknown-handle"),
+        ({"cites": ["not a handle"]}, "unknown-handle"),
+        ({"cites": []}, "missing-cites"),
+        ({"text": "Creatinine peaked at 3.1 mg/dL."}, "numbers"),
+        ({"text": "Creatinine peaked at 2.3 mg/dL on 2024-06-12."}, "numbers"),
+        ({"text": "Creatinine peaked at 2.3 mg/dL while on metformin."}, "drugs"),
+        ({"text": "Creatinine peaked at 2.3 mg/dL with pneumonia."}, "diagnoses"),
+        ({"extra": "field"}, "schema"),
+    ],
+)
 def test_bad_sentence_fails_with_the_right_rule(
-    tiny: tuple[Stay, PromptResult], changes: dict[str, Any], rule: str,
+    tiny: tuple[Stay, PromptResult],
+    changes: dict[str, Any],
+    rule: str,
 ) -> None:
     stay, prompt = tiny
     result = verify_answer(mutated(prompt, "hospital_course", 1, **changes), prompt, stay)
@@ -503,14 +640,15 @@ def test_bad_sentence_fails_with_the_right_rule(
     assert result.grounding < 1.0 or rule == "schema"
     # Problems name places, handles and rules, never the sentence or a bad cite.
     assert "None" not in " ".join(result.problems)
-    assert "not a handle\"" not in " ".join(result.problems)
+    assert 'not a handle"' not in " ".join(result.problems)
     text = changes.get("text", "")
     assert all(text not in p for p in result.problems if text)
 
 
 @pytest.mark.corpus
 def test_verifier_on_a_corpus_stay(
-    corpus: dict[str, Stay], corpus_prompts: dict[tuple[str, int], PromptResult],
+    corpus: dict[str, Stay],
+    corpus_prompts: dict[tuple[str, int], PromptResult],
 ) -> None:
     stay = corpus["clinosim/sepsis_2.json"]
     prompt = corpus_prompts[("clinosim/sepsis_2.json", 6144)]
@@ -518,25 +656,39 @@ def test_verifier_on_a_corpus_stay(
     creatinine = next(s for s in stay.labs if s.concept.label.startswith("Creatinine"))
     levofloxacin = stay.discharge_medications[0]
     assert lactate.peak is not None and levofloxacin.drug.label == "Levofloxacin"
-    pt, enc, sepsis, ckd = (h(prompt, r) for r in (
-        stay.patient.ref, stay.encounter.ref, stay.diagnoses[0].condition.ref,
-        stay.diagnoses[1].condition.ref))
+    pt, enc, sepsis, ckd = (
+        h(prompt, r)
+        for r in (
+            stay.patient.ref,
+            stay.encounter.ref,
+            stay.diagnoses[0].condition.ref,
+            stay.diagnoses[1].condition.ref,
+        )
+    )
     answer = {
         "hospital_course": [
-            {"text": "An 87-year-old man was admitted on 2024-06-15 from the emergency "
-                     "department with severe sepsis.", "cites": [pt, enc, sepsis]},
-            {"text": "Lactate peaked at 4.7 mmol/L and was 3.5 mmol/L on 2024-06-21.",
-             "cites": [h(prompt, lactate.peak.ref), h(prompt, lactate.last.ref)]},
-            {"text": "Creatinine rose from 1.59 to 3.56 mg/dL.",
-             "cites": [h(prompt, creatinine.first.ref), h(prompt, creatinine.last.ref)]},
+            {
+                "text": "An 87-year-old man was admitted on 2024-06-15 from the emergency "
+                "department with severe sepsis.",
+                "cites": [pt, enc, sepsis],
+            },
+            {
+                "text": "Lactate peaked at 4.7 mmol/L and was 3.5 mmol/L on 2024-06-21.",
+                "cites": [h(prompt, lactate.peak.ref), h(prompt, lactate.last.ref)],
+            },
+            {
+                "text": "Creatinine rose from 1.59 to 3.56 mg/dL.",
+                "cites": [h(prompt, creatinine.first.ref), h(prompt, creatinine.last.ref)],
+            },
         ],
         "discharge_instructions": [
-            {"text": "Take levofloxacin 750 mg by mouth once daily.",
-             "cites": [h(prompt, levofloxacin.refs[0])]},
+            {
+                "text": "Take levofloxacin 750 mg by mouth once daily.",
+                "cites": [h(prompt, levofloxacin.refs[0])],
+            },
         ],
         "follow_up": [
-            {"text": "Recheck renal function given chronic kidney disease (CKD).",
-             "cites": [ckd]},
+            {"text": "Recheck renal function given chronic kidney disease (CKD).", "cites": [ckd]},
         ],
     }
     result = verify_answer(answer, prompt, stay)
@@ -550,12 +702,16 @@ def test_verifier_on_a_corpus_stay(
 def test_handle_cut_by_the_budget_is_not_shown() -> None:
     stay = make_stay(heart_rates=60)
     full = build_messages(stay, tokenizer=EstimateTokenizer(), max_input_tokens=8192)
-    prompt = build_messages(stay, tokenizer=EstimateTokenizer(),
-                            max_input_tokens=full.token_count - 150)
+    prompt = build_messages(
+        stay, tokenizer=EstimateTokenizer(), max_input_tokens=full.token_count - 150
+    )
     hidden = sorted(prompt.omitted_handles)[0]
     assert hidden not in prompt.handles and f"[{hidden}]" not in prompt.user
-    answer = {"hospital_course": [{"text": "Heart rate was recorded.", "cites": [hidden]}],
-              "discharge_instructions": [], "follow_up": []}
+    answer = {
+        "hospital_course": [{"text": "Heart rate was recorded.", "cites": [hidden]}],
+        "discharge_instructions": [],
+        "follow_up": [],
+    }
     result = verify_answer(answer, prompt, stay)
     assert [p.rule for p in result.issues] == ["handle-not-shown"]
     assert hidden in result.problems[0]

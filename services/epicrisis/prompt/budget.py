@@ -125,7 +125,9 @@ def pack(
 
 
 def render(
-    lines: Sequence[Line], kept: Sequence[int], omitted: Sequence[Omission],
+    lines: Sequence[Line],
+    kept: Sequence[int],
+    omitted: Sequence[Omission],
     sections: Sequence[str],
 ) -> str:
     """The body: each section's heading, its kept lines in order, then its omission lines."""
@@ -134,9 +136,7 @@ def render(
         by_section[lines[index].section].append(lines[index].text)
     for omission in omitted:
         by_section[omission.section].append(omission.text)
-    blocks = [
-        "\n".join([_heading(key), *texts]) for key, texts in by_section.items()
-    ]
+    blocks = ["\n".join([_heading(key), *texts]) for key, texts in by_section.items()]
     return "\n\n".join(blocks)
 
 

@@ -32,8 +32,15 @@ from epicrisis.prompt.schema import SECTIONS, Answer
 from epicrisis.stay.context import Concept, Stay
 
 Rule = Literal[
-    "json", "schema", "missing-cites", "unknown-handle", "handle-not-shown", "numbers",
-    "drugs", "diagnoses", "death",
+    "json",
+    "schema",
+    "missing-cites",
+    "unknown-handle",
+    "handle-not-shown",
+    "numbers",
+    "drugs",
+    "diagnoses",
+    "death",
 ]
 
 
@@ -51,8 +58,11 @@ class Problem:
             text = "cites something that is not a handle"  # never echo what it was
         else:
             text = _MESSAGES[self.rule].format(handle=self.handle)
-        return f"{self.where}: {text} (rule: {self.rule})" if self.where else \
-            f"{text} (rule: {self.rule})"
+        return (
+            f"{self.where}: {text} (rule: {self.rule})"
+            if self.where
+            else f"{text} (rule: {self.rule})"
+        )
 
 
 _MESSAGES: dict[str, str] = {
@@ -107,8 +117,9 @@ class Verification:
         return self.section("follow_up")
 
 
-def verify_answer(answer_json: str | bytes | Mapping[str, Any], prompt: PromptResult,
-                  stay: Stay) -> Verification:
+def verify_answer(
+    answer_json: str | bytes | Mapping[str, Any], prompt: PromptResult, stay: Stay
+) -> Verification:
     """Verify ``answer_json`` (the model's raw JSON text, or it parsed) against ``prompt``."""
     data: Any
     if isinstance(answer_json, str | bytes):
@@ -140,7 +151,8 @@ def verify_answer(answer_json: str | bytes | Mapping[str, Any], prompt: PromptRe
         sentences.append(CitedSentence(section, index, text, cites, refs, not found))
 
     if (stay.died_in_hospital or prompt.died_in_hospital) and _has_items(
-            data.get("discharge_instructions")):
+        data.get("discharge_instructions")
+    ):
         issues.append(Problem("death", "discharge_instructions"))
 
     supported = sum(1 for s in sentences if s.supported)
@@ -170,7 +182,9 @@ def _schema_problems(exc: ValidationError) -> list[Problem]:
         loc = error.get("loc", ())
         if loc and loc[-1] == "cites" and error.get("type") == "too_short":
             problem = Problem("missing-cites", _where(loc[:-1]))
-        elif len(loc) >= 2 and loc[-2] == "cites" and error.get("type") == "string_pattern_mismatch":
+        elif (
+            len(loc) >= 2 and loc[-2] == "cites" and error.get("type") == "string_pattern_mismatch"
+        ):
             continue  # reported per sentence as an unknown handle
         else:
             problem = Problem("schema", _where(loc))
@@ -218,41 +232,183 @@ _SOURCE_NUMBER = re.compile(r"(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?")
 _WORD = re.compile(r"[a-z]+")
 
 # Words in drug labels that name a form, a unit or a salt, not the drug itself.
-_DRUG_STOPWORDS = frozenset({
-    "tablet", "tablets", "capsule", "capsules", "oral", "injection", "injectable",
-    "solution", "suspension", "extended", "release", "delayed", "prefilled", "syringe",
-    "topical", "cream", "ointment", "patch", "spray", "inhaler", "inhalation", "nasal",
-    "metered", "dose", "doses", "actuat", "actuation", "chewable", "film", "coated", "hour",
-    "hours", "daily", "sodium", "potassium", "chloride", "calcium", "magnesium",
-    "hydrochloride", "acetate", "succinate", "tartrate", "sulfate", "phosphate", "citrate",
-    "bromide", "besylate", "maleate", "mesylate", "fumarate", "disodium", "monohydrate",
-    "anhydrous", "product", "unit", "units", "vial", "bolus", "infusion", "drip", "within",
-    "with", "fluid", "fluids", "water", "intravenous", "subcutaneous", "pack", "kit", "powder",
-    "liquid", "drops", "ophthalmic", "otic", "rectal", "vaginal", "transdermal", "system",
-    "pen", "auto", "injector", "mcg", "unspecified", "other", "each", "plus", "abuse",
-    "deterrent", "drug", "human", "implant", "mucosal", "normal", "regular", "acid",
-    "bitartrate", "hydrobromide",
-})
+_DRUG_STOPWORDS = frozenset(
+    {
+        "tablet",
+        "tablets",
+        "capsule",
+        "capsules",
+        "oral",
+        "injection",
+        "injectable",
+        "solution",
+        "suspension",
+        "extended",
+        "release",
+        "delayed",
+        "prefilled",
+        "syringe",
+        "topical",
+        "cream",
+        "ointment",
+        "patch",
+        "spray",
+        "inhaler",
+        "inhalation",
+        "nasal",
+        "metered",
+        "dose",
+        "doses",
+        "actuat",
+        "actuation",
+        "chewable",
+        "film",
+        "coated",
+        "hour",
+        "hours",
+        "daily",
+        "sodium",
+        "potassium",
+        "chloride",
+        "calcium",
+        "magnesium",
+        "hydrochloride",
+        "acetate",
+        "succinate",
+        "tartrate",
+        "sulfate",
+        "phosphate",
+        "citrate",
+        "bromide",
+        "besylate",
+        "maleate",
+        "mesylate",
+        "fumarate",
+        "disodium",
+        "monohydrate",
+        "anhydrous",
+        "product",
+        "unit",
+        "units",
+        "vial",
+        "bolus",
+        "infusion",
+        "drip",
+        "within",
+        "with",
+        "fluid",
+        "fluids",
+        "water",
+        "intravenous",
+        "subcutaneous",
+        "pack",
+        "kit",
+        "powder",
+        "liquid",
+        "drops",
+        "ophthalmic",
+        "otic",
+        "rectal",
+        "vaginal",
+        "transdermal",
+        "system",
+        "pen",
+        "auto",
+        "injector",
+        "mcg",
+        "unspecified",
+        "other",
+        "each",
+        "plus",
+        "abuse",
+        "deterrent",
+        "drug",
+        "human",
+        "implant",
+        "mucosal",
+        "normal",
+        "regular",
+        "acid",
+        "bitartrate",
+        "hydrobromide",
+    }
+)
 # Parts of condition labels that qualify rather than name a diagnosis.
 _CONDITION_QUALIFIERS = (
-    "unspecified", "without", "with ", "other", "not elsewhere", "site not", "initial encounter",
-    "subsequent encounter", "sequela", "tnm ",
+    "unspecified",
+    "without",
+    "with ",
+    "other",
+    "not elsewhere",
+    "site not",
+    "initial encounter",
+    "subsequent encounter",
+    "sequela",
+    "tnm ",
 )
-_CONDITION_GENERIC = frozenset({
-    "finding", "disorder", "situation", "procedure", "diagnosis", "morphologic abnormality",
-    "clinical", "history", "event", "observable entity", "essential", "localized", "primary",
-    "secondary", "generalized", "bilateral", "left", "right", "acute", "chronic", "severe",
-    "mild", "moderate", "recurrent",
-})
+_CONDITION_GENERIC = frozenset(
+    {
+        "finding",
+        "disorder",
+        "situation",
+        "procedure",
+        "diagnosis",
+        "morphologic abnormality",
+        "clinical",
+        "history",
+        "event",
+        "observable entity",
+        "essential",
+        "localized",
+        "primary",
+        "secondary",
+        "generalized",
+        "bilateral",
+        "left",
+        "right",
+        "acute",
+        "chronic",
+        "severe",
+        "mild",
+        "moderate",
+        "recurrent",
+    }
+)
 
 
 # Head nouns too vague to name a diagnosis alone, and Latin words that follow the noun.
-_GENERIC_HEADS = frozenset({
-    "disease", "diseases", "failure", "disorder", "disorders", "infection", "injury",
-    "syndrome", "finding", "condition", "problem", "complication", "complications",
-    "symptom", "symptoms", "abnormality", "lesion", "state", "status", "event", "episode",
-    "exacerbation", "organism", "encounter", "index", "daily", "specified", "history",
-})
+_GENERIC_HEADS = frozenset(
+    {
+        "disease",
+        "diseases",
+        "failure",
+        "disorder",
+        "disorders",
+        "infection",
+        "injury",
+        "syndrome",
+        "finding",
+        "condition",
+        "problem",
+        "complication",
+        "complications",
+        "symptom",
+        "symptoms",
+        "abnormality",
+        "lesion",
+        "state",
+        "status",
+        "event",
+        "episode",
+        "exacerbation",
+        "organism",
+        "encounter",
+        "index",
+        "daily",
+        "specified",
+        "history",
+    }
+)
 _POSTPOSITIVE = frozenset({"mellitus", "pectoris", "insipidus", "vulgaris", "nos"})
 _HEAD_SPLIT = re.compile(r" (?:with|without|due to|of|in|and|on|from|caused by) ")
 
@@ -266,21 +422,27 @@ class _Vocabulary:
 
 def _vocabulary(stay: Stay) -> _Vocabulary:
     drugs: set[str] = set()
-    for concept in [f.drug for f in stay.medications] + [c.drug for c in
-                                                          stay.discharge_medications]:
+    for concept in [f.drug for f in stay.medications] + [
+        c.drug for c in stay.discharge_medications
+    ]:
         for name in _names(concept):
-            drugs.update(w for w in _WORD.findall(name.lower())
-                         if len(w) >= 4 and w not in _DRUG_STOPWORDS)
+            drugs.update(
+                w for w in _WORD.findall(name.lower()) if len(w) >= 4 and w not in _DRUG_STOPWORDS
+            )
     phrases: set[str] = set()
-    conditions = [d.condition for d in stay.diagnoses] + list(stay.stay_conditions) + \
-        list(stay.problems)
+    conditions = (
+        [d.condition for d in stay.diagnoses] + list(stay.stay_conditions) + list(stay.problems)
+    )
     for condition in conditions:
         for name in _names(condition.concept):
             for part in re.split(r"[,;/()\[\]]| - ", name):
                 phrase = " ".join(part.split()).lower()
                 letters = sum(ch.isalpha() for ch in phrase)
-                if (letters < 4 and not (letters >= 3 and part.strip().isupper())) or \
-                        phrase in _CONDITION_GENERIC or phrase.startswith(_CONDITION_QUALIFIERS):
+                if (
+                    (letters < 4 and not (letters >= 3 and part.strip().isupper()))
+                    or phrase in _CONDITION_GENERIC
+                    or phrase.startswith(_CONDITION_QUALIFIERS)
+                ):
                     continue
                 phrases.add(phrase)
     heads: set[str] = set()
@@ -329,8 +491,9 @@ def _sentence_problems(
     sentence_lower = " ".join(text.lower().split())
     flat_source = " ".join(source_lower.split())
     if any(w in vocabulary.condition_words and w not in source_words for w in words) or any(
-            matcher.search(sentence_lower) and phrase not in flat_source
-            for phrase, matcher in vocabulary.conditions):
+        matcher.search(sentence_lower) and phrase not in flat_source
+        for phrase, matcher in vocabulary.conditions
+    ):
         found.append(Problem("diagnoses", where))
     return found
 
