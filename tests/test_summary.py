@@ -19,7 +19,11 @@ from epicrisis.summary.model import DischargeSummary
 from epicrisis.summary.sections import SECTIONS
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "fhir"
-FILES = sorted(p for d in ("clinosim", "synthea-r4") for p in (DATA / d).glob("*.json")) if DATA.is_dir() else []
+FILES = (
+    sorted(p for d in ("clinosim", "synthea-r4") for p in (DATA / d).glob("*.json"))
+    if DATA.is_dir()
+    else []
+)
 NO_STAY = {"Buster_Hoeger", "Clemente_Kreiger", "practitionerInformation"}
 
 pytestmark = [
@@ -81,7 +85,9 @@ def test_every_stay_summarizes_in_all_formats(path: Path, summaries: dict[str, A
     device = document["entry"][1]["resource"]
     assert composition["author"][0]["reference"] == document["entry"][1]["fullUrl"]
     assert device["resourceType"] == "Device"
-    expected = [s.loinc for s in SECTIONS if not (summary.kind == "death-summary" and s.loinc == "8653-8")]
+    expected = [
+        s.loinc for s in SECTIONS if not (summary.kind == "death-summary" and s.loinc == "8653-8")
+    ]
     assert [s["code"]["coding"][0]["code"] for s in composition["section"]] == expected
     known = set().union(*(_names_of(e) for e in _raw_entries(data)))
     for section in composition["section"]:
@@ -101,18 +107,24 @@ def test_every_source_resolves_to_an_input_resource(path: Path, summaries: dict[
 
 
 @pytest.mark.parametrize("path", STAY_FILES, ids=lambda p: p.stem[:40])
-def test_every_encounter_diagnosis_is_a_discharge_diagnosis(path: Path, summaries: dict[str, Any]) -> None:
+def test_every_encounter_diagnosis_is_a_discharge_diagnosis(
+    path: Path, summaries: dict[str, Any]
+) -> None:
     data, summary = summaries[path.name]
     stay_names = set()
     for entry in _raw_entries(data):
-        if entry["resource"]["resourceType"] == "Encounter" and summary.encounter.reference in _names_of(entry):
+        if entry["resource"][
+            "resourceType"
+        ] == "Encounter" and summary.encounter.reference in _names_of(entry):
             stay_names = _names_of(entry)
     expected = set()
     for entry in _raw_entries(data):
         res = entry["resource"]
         if res["resourceType"] != "Condition":
             continue
-        categories = {c.get("code") for cat in res.get("category", []) for c in cat.get("coding", [])}
+        categories = {
+            c.get("code") for cat in res.get("category", []) for c in cat.get("coding", [])
+        }
         verification = {c.get("code") for c in res.get("verificationStatus", {}).get("coding", [])}
         if (
             "encounter-diagnosis" in categories
@@ -135,7 +147,10 @@ def test_every_active_allergy_is_listed(path: Path, summaries: dict[str, Any]) -
             continue
         status = {c.get("code") for c in res.get("clinicalStatus", {}).get("coding", [])}
         verification = {c.get("code") for c in res.get("verificationStatus", {}).get("coding", [])}
-        if not status & {"inactive", "resolved"} and not verification & {"refuted", "entered-in-error"}:
+        if not status & {"inactive", "resolved"} and not verification & {
+            "refuted",
+            "entered-in-error",
+        }:
             expected.add(f"AllergyIntolerance/{res['id']}")
     section = summary.section("allergies")
     cited = {ref for item in section.items for ref in item.sources}
@@ -165,7 +180,9 @@ def test_a_death_in_hospital_is_a_death_summary(summaries: dict[str, Any]) -> No
         assert summary.section("discharge_instructions") is None
         assert not summary.section("discharge_medications").items
         assert summary.patient.died
-        assert any("died in hospital" in s.text for s in summary.section("hospital_course").narrative)
+        assert any(
+            "died in hospital" in s.text for s in summary.section("hospital_course").narrative
+        )
 
 
 def test_discharge_medications_are_reconciled(summaries: dict[str, Any]) -> None:
