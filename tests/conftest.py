@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from epicrisis.config import get_settings
+
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 CORPUS_DIRS = ("synthea-r4", "clinosim")
@@ -52,6 +54,7 @@ def _drop_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("EPICRISIS_"):
             monkeypatch.delenv(name)
+    get_settings.cache_clear()
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from epicrisis.config import get_settings
 from epicrisis.errors import ConfigurationError, StayError
 from epicrisis.fhir import ingest
 from epicrisis.prompt import (
@@ -503,9 +504,11 @@ def test_load_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     with pytest.raises(ConfigurationError, match="could not be loaded"):
         load_tokenizer(broken)
     monkeypatch.setenv("EPICRISIS_TOKENIZER_PATH", str(tmp_path / "missing.json"))
+    get_settings.cache_clear()
     with pytest.raises(ConfigurationError):
         load_tokenizer(None)
     monkeypatch.setenv("EPICRISIS_MAX_INPUT_TOKENS", "lots")
+    get_settings.cache_clear()
     with pytest.raises(ConfigurationError, match="max_input_tokens") as raised:
         build_messages(make_stay(), tokenizer=EstimateTokenizer())
     assert "lots" not in str(raised.value)
@@ -515,6 +518,7 @@ def test_default_budget_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch)
     prompt = build_messages(make_stay(), tokenizer=EstimateTokenizer())
     assert prompt.max_input_tokens == 8192 - 1536
     monkeypatch.setenv("EPICRISIS_MAX_INPUT_TOKENS", "2048")
+    get_settings.cache_clear()
     prompt = build_messages(make_stay(), tokenizer=EstimateTokenizer())
     assert prompt.max_input_tokens == 2048 and prompt.token_count <= 2048
 
@@ -525,6 +529,7 @@ def test_hf_tokenizer_is_exact_and_cached(
     assert isinstance(llama, HFTokenizer) and llama.exact
     assert load_tokenizer(LLAMA3) is llama
     monkeypatch.setenv("EPICRISIS_TOKENIZER_PATH", str(LLAMA3))
+    get_settings.cache_clear()
     assert load_tokenizer(None) is llama
     assert llama.count("Creatinine 2.1 mg/dL") == 9
     overhead = (

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from epicrisis.errors import ConfigurationError
 
 
 class Limits(BaseSettings):
@@ -30,3 +33,17 @@ class Settings(BaseSettings):
     limits: Limits = Field(default_factory=Limits)
     tokenizer_path: Path | None = None
     max_input_tokens: int = Field(8192 - 1536, gt=256)
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process settings, read once; a malformed ``EPICRISIS_*`` value is a deployment error.
+
+    Tests that change the environment call ``get_settings.cache_clear()``.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
+        # Name the settings only: their values may be secrets.
+        raise ConfigurationError(f"invalid EPICRISIS_ setting(s): {', '.join(fields)}") from None

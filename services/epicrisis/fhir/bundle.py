@@ -18,7 +18,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict
 
-from epicrisis.config import Limits
+from epicrisis.config import Limits, get_settings
 from epicrisis.errors import BundleError, Location, safe_id, safe_type
 
 BUNDLE_TYPES = frozenset(
@@ -86,10 +86,11 @@ class IngestedBundle:
     entries: list[Entry]
     by_full_url: dict[str, Entry] = field(default_factory=dict)
     by_type_id: dict[str, list[Entry]] = field(default_factory=dict)
+    by_type: dict[str, list[Entry]] = field(default_factory=dict)
     warnings: list[DataWarning] = field(default_factory=list)
 
     def of_type(self, resource_type: str) -> list[Entry]:
-        return [e for e in self.entries if e.resource_type == resource_type]
+        return self.by_type.get(resource_type, [])
 
     def warn(self, code: Any, message: str, *, location: Location | None = None) -> None:
         loc = location or Location()
@@ -134,7 +135,7 @@ def decode_json(data: bytes, limits: Limits) -> Any:
 
 def ingest(data: bytes, *, limits: Limits | None = None) -> IngestedBundle:
     """Parse and shape-check a Bundle; raises :class:`BundleError` naming the first problem."""
-    limits = limits or Limits()
+    limits = limits or get_settings().limits
     doc = decode_json(data, limits)
     if not isinstance(doc, dict):
         raise BundleError(f"top-level JSON is {_kind(doc)}; expected a FHIR Bundle object")
@@ -176,15 +177,17 @@ def ingest(data: bytes, *, limits: Limits | None = None) -> IngestedBundle:
 
 
 def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
-    where = f"entry[{index}]"
+    # Runs once per entry of every Bundle: the error paths are built only when needed.
     if not isinstance(raw, dict):
         raise BundleError(
-            f"entry is {_kind(raw)}; expected an object", location=Location(index, path=where)
+            f"entry is {_kind(raw)}; expected an object",
+            location=Location(index, path=f"entry[{index}]"),
         )
     full_url = raw.get("fullUrl")
     if full_url is not None and (not isinstance(full_url, str) or not full_url.strip()):
         raise BundleError(
-            "fullUrl is not a non-empty string", location=Location(index, path=f"{where}.fullUrl")
+            "fullUrl is not a non-empty string",
+            location=Location(index, path=f"entry[{index}].fullUrl"),
         )
     resource = raw.get("resource")
     if resource is None:
@@ -192,21 +195,27 @@ def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
     if not isinstance(resource, dict):
         raise BundleError(
             f"resource is {_kind(resource)}; expected an object",
-            location=Location(index, path=f"{where}.resource"),
+            location=Location(index, path=f"entry[{index}].resource"),
         )
     rtype = resource.get("resourceType")
-    if not isinstance(rtype, str) or safe_type(rtype) != rtype:
-        raise BundleError(
-            "resource has no valid resourceType",
-            location=Location(index, path=f"{where}.resource.resourceType"),
-        )
+    if rtype not in _TYPES_SEEN:
+        if not isinstance(rtype, str) or safe_type(rtype) != rtype:
+            raise BundleError(
+                "resource has no valid resourceType",
+                location=Location(index, path=f"entry[{index}].resource.resourceType"),
+            )
+        if len(_TYPES_SEEN) < 1024:  # bounded: type names come from callers
+            _TYPES_SEEN.add(rtype)
     rid = resource.get("id")
     if rid is not None and safe_id(rid) != rid:
         raise BundleError(
             "resource id is not a valid FHIR id ([A-Za-z0-9-.]{1,64})",
-            location=Location(index, rtype, path=f"{where}.resource.id"),
+            location=Location(index, rtype, path=f"entry[{index}].resource.id"),
         )
     return Entry(index, full_url, rtype, rid, resource)
+
+
+_TYPES_SEEN: set[str] = set()  # resourceType names that passed the shape rule once
 
 
 def _index_entry(
@@ -227,6 +236,7 @@ def _index_entry(
             )
         seen.setdefault(key, entry)
         bundle.by_full_url.setdefault(entry.full_url, entry)
+    bundle.by_type.setdefault(entry.resource_type, []).append(entry)
     if entry.resource_id:
         bundle.by_type_id.setdefault(f"{entry.resource_type}/{entry.resource_id}", []).append(entry)
 

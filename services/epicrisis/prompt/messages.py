@@ -12,12 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypedDict
 
+from epicrisis.config import get_settings
 from epicrisis.errors import ConfigurationError
 from epicrisis.prompt.budget import Omission, line_costs, pack
 from epicrisis.prompt.handles import HandleMap
 from epicrisis.prompt.linearize import NOTE_CLOSE, NOTE_OPEN, linearize
 from epicrisis.prompt.schema import answer_schema_json
-from epicrisis.prompt.tokenizers import ESTIMATE_SAFETY, Tokenizer, load_tokenizer, settings
+from epicrisis.prompt.tokenizers import ESTIMATE_SAFETY, Tokenizer, load_tokenizer
 from epicrisis.stay.context import Stay
 
 MED42_SYSTEM_PROMPT = (
@@ -120,6 +121,18 @@ class PromptResult:
         }
 
 
+_SYSTEM_COUNTS: dict[int, tuple[Tokenizer, int]] = {}
+
+
+def _system_tokens(tok: Tokenizer) -> int:
+    """Tokens of the static system message, counted once per tokenizer."""
+    known = _SYSTEM_COUNTS.get(id(tok))
+    if known is None or known[0] is not tok:
+        known = (tok, tok.count(SYSTEM_MESSAGE))
+        _SYSTEM_COUNTS[id(tok)] = known
+    return known[1]
+
+
 def build_messages(
     stay: Stay, *, tokenizer: Tokenizer | None = None, max_input_tokens: int | None = None
 ) -> PromptResult:
@@ -128,13 +141,13 @@ def build_messages(
     Raises :class:`ConfigurationError` when even the safety set does not fit.
     """
     tok = tokenizer if tokenizer is not None else load_tokenizer(None)
-    budget = max_input_tokens if max_input_tokens is not None else settings().max_input_tokens
+    budget = max_input_tokens if max_input_tokens is not None else get_settings().max_input_tokens
     if budget <= 0:
         raise ConfigurationError(f"max_input_tokens must be positive (got {budget})")
     linearized = linearize(stay)
     lines = linearized.lines
     costs = line_costs(lines, tok)
-    system_tokens = tok.count(SYSTEM_MESSAGE)
+    system_tokens = _system_tokens(tok)
     overhead = chat_overhead(2)
     headroom = 0 if tok.exact else math.ceil(budget * ESTIMATE_SAFETY)
     available = budget - headroom - overhead - system_tokens - tok.count(linearized.preamble) - 2

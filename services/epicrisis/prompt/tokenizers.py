@@ -24,9 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from pydantic import ValidationError
-
-from epicrisis.config import Settings
+from epicrisis.config import get_settings
 from epicrisis.errors import ConfigurationError
 
 ESTIMATE_UNDERCOUNT_MARGIN = 0.0
@@ -163,16 +161,6 @@ def _piece_tokens_ascii(piece: str) -> int:
     return math.ceil(len(stripped.rstrip("\r\n")) / 2) or 1
 
 
-def settings() -> Settings:
-    """The process settings; a malformed ``EPICRISIS_*`` value is a deployment error."""
-    try:
-        return Settings()
-    except ValidationError as exc:
-        fields = sorted({".".join(str(p) for p in e["loc"]) for e in exc.errors()})
-        # Name the settings only: their values may be secrets.
-        raise ConfigurationError(f"invalid EPICRISIS_ setting(s): {', '.join(fields)}") from None
-
-
 _CACHE: dict[str, Tokenizer] = {}
 _LOCK = threading.Lock()
 _ESTIMATE = EstimateTokenizer()
@@ -186,7 +174,7 @@ def load_tokenizer(path: Path | str | None = None) -> Tokenizer:
     Loaded tokenizers are cached per resolved path (loading takes about half a second).
     """
     if path is None:
-        path = settings().tokenizer_path
+        path = get_settings().tokenizer_path
     if path is None:
         return _ESTIMATE
     key = str(Path(path).expanduser().resolve())

@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
-from epicrisis.config import Limits
+from epicrisis.config import Limits, get_settings
 from epicrisis.errors import EntryError, Location, StayError
 from epicrisis.fhir.bundle import Entry, IngestedBundle, Json
 from epicrisis.fhir.references import ReferenceResolver, reference_of
@@ -40,6 +40,7 @@ from epicrisis.stay.time import When, parse_when
 EXPIRED_DISPOSITIONS = frozenset({"exp", "20", "40", "41", "42"})  # HL7 discharge-disposition, NUBC
 VOID = frozenset({"entered-in-error", "cancelled"})
 PENDING = frozenset({"registered", "preliminary", "partial"})
+ACTIVE_PROBLEM = frozenset({"active", "recurrence", "relapse"})
 # Which element links a resource type to its encounter.
 ENCOUNTER_FIELD = {
     "MedicationAdministration": "context",
@@ -108,7 +109,7 @@ def gather_stay(
     strict: bool = False,
     allow_emergency: bool = False,
 ) -> Stay:
-    limits = limits or Limits()
+    limits = limits or get_settings().limits
     if strict:
         for entry in bundle.entries:
             validate_entry(entry, limits=limits, strict=True)
@@ -127,9 +128,8 @@ def gather_stay(
     end = parse_when(period.get("end"), tz)
     scope = _Scope(reader, enc_entry, patient_entry, start, end)
 
-    conditions = [
-        c for c in (_condition(reader, e, scope) for e in scope.of_patient("Condition")) if c
-    ]
+    candidates = (e for e in scope.of_patient("Condition") if _may_matter(e, scope))
+    conditions = [c for c in (_condition(reader, e, scope) for e in candidates) if c]
     diagnoses = _diagnoses(reader, enc_entry, encounter, scope, conditions)
     listed = {d.condition.ref for d in diagnoses}
     stay_conditions = tuple(
@@ -331,6 +331,14 @@ def _condition(reader: _Reader, entry: Entry, scope: _Scope) -> ConditionFact | 
     )
 
 
+def _may_matter(entry: Entry, scope: _Scope) -> bool:
+    """A Condition of the stay, named by it, or possibly active: the others are never read."""
+    if scope.links_to_stay(entry) or id(entry.resource) in scope.named_conditions:
+        return True
+    status = entry.resource.get("clinicalStatus")
+    return not isinstance(status, dict) or bool(set(codes_of(status)) & ACTIVE_PROBLEM)
+
+
 def _diagnoses(
     reader: _Reader, enc_entry: Entry, enc: Json, scope: _Scope, conditions: list[ConditionFact]
 ) -> tuple[DiagnosisFact, ...]:
@@ -347,7 +355,7 @@ def _diagnoses(
 
 
 def _active_problem(cond: ConditionFact, end: When | None) -> bool:
-    if cond.clinical_status not in ("active", "recurrence", "relapse"):
+    if cond.clinical_status not in ACTIVE_PROBLEM:
         return False
     if cond.categories and "problem-list-item" not in cond.categories:
         return False
