@@ -529,6 +529,13 @@ BAD_INPUTS: list[Any] = [
         ["entry[2]", "no valid resourceType", "entry[2].resource.resourceType"],
     ),
     (
+        "resourcetype-an-object",
+        dumps(stay(e=_set("entry.2.resource.resourceType", {"text": SENTINEL}))),
+        {},
+        BundleError,
+        ["entry[2]", "no valid resourceType", "entry[2].resource.resourceType"],
+    ),
+    (
         "invalid-id",
         dumps(stay(e=_set("entry.2.resource.id", f"{SENTINEL} 1960-01-01"))),
         {},

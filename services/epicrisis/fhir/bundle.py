@@ -198,7 +198,7 @@ def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
             location=Location(index, path=f"entry[{index}].resource"),
         )
     rtype = resource.get("resourceType")
-    if rtype not in _TYPES_SEEN:
+    if not isinstance(rtype, str) or rtype not in _TYPES_SEEN:
         if not isinstance(rtype, str) or safe_type(rtype) != rtype:
             raise BundleError(
                 "resource has no valid resourceType",
