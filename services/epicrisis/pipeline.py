@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 import orjson
 
@@ -21,41 +21,30 @@ Format = Literal["json", "text", "fhir"]
 EXTRACTIVE = f"epicrisis-extractive/{__version__}"
 
 
-def load_stay(
-    bundle: bytes,
-    *,
-    encounter_id: str | None = None,
-    strict: bool = False,
-    allow_emergency: bool = False,
-    limits: Limits | None = None,
-) -> Stay:
+class StayOptions(TypedDict, total=False):
+    """Which stay to summarize and how strictly: shared by every entry point."""
+
+    encounter_id: str | None
+    strict: bool
+    allow_emergency: bool
+    limits: Limits | None
+
+
+def load_stay(bundle: bytes, **options: Unpack[StayOptions]) -> Stay:
     """Ingest the Bundle and gather the stay to summarize (the named one, else the latest)."""
+    limits = options.get("limits")
     return gather_stay(
         ingest(bundle, limits=limits),
-        encounter_id,
+        options.get("encounter_id"),
         limits=limits,
-        strict=strict,
-        allow_emergency=allow_emergency,
+        strict=options.get("strict", False),
+        allow_emergency=options.get("allow_emergency", False),
     )
 
 
-def summarize(
-    bundle: bytes,
-    *,
-    encounter_id: str | None = None,
-    strict: bool = False,
-    allow_emergency: bool = False,
-    limits: Limits | None = None,
-) -> DischargeSummary:
+def summarize(bundle: bytes, **options: Unpack[StayOptions]) -> DischargeSummary:
     """Summarize one stay with the extractive backend: deterministic, no model, no network."""
-    stay = load_stay(
-        bundle,
-        encounter_id=encounter_id,
-        strict=strict,
-        allow_emergency=allow_emergency,
-        limits=limits,
-    )
-    return summarize_stay(stay)
+    return summarize_stay(load_stay(bundle, **options))
 
 
 def summarize_stay(stay: Stay) -> DischargeSummary:
@@ -66,21 +55,12 @@ def summarize_stay(stay: Stay) -> DischargeSummary:
 def build_prompt(
     bundle: bytes,
     *,
-    encounter_id: str | None = None,
     max_input_tokens: int | None = None,
     tokenizer: Tokenizer | None = None,
-    strict: bool = False,
-    allow_emergency: bool = False,
-    limits: Limits | None = None,
+    **options: Unpack[StayOptions],
 ) -> PromptResult:
     """The Med42-v2 chat messages for one stay, within ``max_input_tokens``."""
-    stay = load_stay(
-        bundle,
-        encounter_id=encounter_id,
-        strict=strict,
-        allow_emergency=allow_emergency,
-        limits=limits,
-    )
+    stay = load_stay(bundle, **options)
     return build_messages(stay, tokenizer=tokenizer, max_input_tokens=max_input_tokens)
 
 
