@@ -312,3 +312,11 @@ def test_age_is_at_discharge() -> None:
     assert summary.patient.age_at_discharge == 74
     summary = summarize(bundle(patient(birthDate="1950-06-15"), encounter()))
     assert summary.patient.age_at_discharge == 73
+
+
+def test_gathering_twice_from_one_ingest_reports_each_warning_once() -> None:
+    enc = encounter(diagnosis=[{"condition": {"reference": "Condition/missing"}}])
+    ingested = ingest(bundle(patient(), enc))
+    first = gather_stay(ingested)
+    second = gather_stay(ingested)
+    assert len(first.warnings) == len(second.warnings) == 1

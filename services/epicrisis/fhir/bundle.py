@@ -38,19 +38,31 @@ BUNDLE_TYPES = frozenset(
 Json = dict[str, Any]
 
 
+WarningCode = Literal["invalid-entry", "unknown-element", "dangling-reference", "unreadable-note"]
+
+
 class DataWarning(BaseModel):
     """Something in the input the summary worked around; says where, never what it contained."""
 
     model_config = ConfigDict(frozen=True)
 
-    code: Literal[
-        "invalid-entry", "unknown-element", "dangling-reference", "skipped-entry", "unreadable-note"
-    ]
+    code: WarningCode
     message: str
     entry_index: int | None = None
     resource_type: str | None = None
     resource_id: str | None = None
     path: str | None = None
+
+    @classmethod
+    def at(cls, location: Location, code: WarningCode, message: str) -> DataWarning:
+        return cls(
+            code=code,
+            message=message,
+            entry_index=location.entry_index,
+            resource_type=location.resource_type,
+            resource_id=location.resource_id,
+            path=location.path,
+        )
 
 
 @dataclass(slots=True)
@@ -87,23 +99,9 @@ class IngestedBundle:
     by_full_url: dict[str, Entry] = field(default_factory=dict)
     by_type_id: dict[str, list[Entry]] = field(default_factory=dict)
     by_type: dict[str, list[Entry]] = field(default_factory=dict)
-    warnings: list[DataWarning] = field(default_factory=list)
 
     def of_type(self, resource_type: str) -> list[Entry]:
         return self.by_type.get(resource_type, [])
-
-    def warn(self, code: Any, message: str, *, location: Location | None = None) -> None:
-        loc = location or Location()
-        self.warnings.append(
-            DataWarning(
-                code=code,
-                message=message,
-                entry_index=loc.entry_index,
-                resource_type=loc.resource_type,
-                resource_id=loc.resource_id,
-                path=loc.path,
-            )
-        )
 
 
 def decode_json(data: bytes, limits: Limits) -> Any:

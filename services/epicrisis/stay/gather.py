@@ -13,7 +13,7 @@ from typing import Any
 
 from epicrisis.config import Limits, get_settings
 from epicrisis.errors import EntryError, Location, StayError
-from epicrisis.fhir.bundle import Entry, IngestedBundle, Json
+from epicrisis.fhir.bundle import DataWarning, Entry, IngestedBundle, Json, WarningCode
 from epicrisis.fhir.references import ReferenceResolver, reference_of
 from epicrisis.fhir.validate import validate_entry
 from epicrisis.stay.context import (
@@ -55,12 +55,16 @@ class _Reader:
         self.bundle = bundle
         self.limits = limits
         self.resolver = ReferenceResolver(bundle)
+        self.warnings: list[DataWarning] = []
         self._cache: dict[int, Json | None] = {}
+
+    def warn(self, location: Location, code: WarningCode, message: str) -> None:
+        self.warnings.append(DataWarning.at(location, code, message))
 
     def require(self, entry: Entry) -> Json:
         """The validated resource; an invalid one is the caller's error."""
         resource, warnings = validate_entry(entry, limits=self.limits)
-        self.bundle.warnings.extend(warnings)
+        self.warnings.extend(warnings)
         return resource
 
     def read(self, entry: Entry) -> Json | None:
@@ -69,13 +73,13 @@ class _Reader:
         if key not in self._cache:
             try:
                 resource, warnings = validate_entry(entry, limits=self.limits)
-                self.bundle.warnings.extend(warnings)
+                self.warnings.extend(warnings)
                 self._cache[key] = resource
             except EntryError as exc:
-                self.bundle.warn(
+                self.warn(
+                    exc.location,
                     "invalid-entry",
                     f"{exc.message}; the entry was left out of the summary",
-                    location=exc.location,
                 )
                 self._cache[key] = None
         return self._cache[key]
@@ -88,15 +92,15 @@ class _Reader:
         target = self.resolver.resolve(ref, source=source)
         if target is None:
             loc = source.location
-            self.bundle.warn(
-                "dangling-reference",
-                "reference does not resolve to an entry of the Bundle",
-                location=Location(
+            self.warn(
+                Location(
                     loc.entry_index,
                     loc.resource_type,
                     loc.resource_id,
                     f"entry[{source.index}].resource.{path}",
                 ),
+                "dangling-reference",
+                "reference does not resolve to an entry of the Bundle",
             )
         return target
 
@@ -166,7 +170,7 @@ def gather_stay(
         notes=tuple(_notes(reader, scope, tz)),
         plans=tuple(_plans(scope, tz)),
         died_in_hospital=death is not None,
-        warnings=tuple(bundle.warnings),
+        warnings=tuple(reader.warnings),
     )
 
 
@@ -484,10 +488,8 @@ def _notes(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[NoteFact]:
         texts = [attachment_text(c.get("attachment")) for c in doc.get("content") or []]
         text = "\n".join(t for t in texts if t)
         if not text:
-            reader.bundle.warn(
-                "unreadable-note",
-                "note has no inline text attachment; left out",
-                location=entry.location,
+            reader.warn(
+                entry.location, "unreadable-note", "note has no inline text attachment; left out"
             )
             continue
         found.append(
