@@ -7,7 +7,7 @@ Public API: :func:`summarize` (Bundle bytes to a :class:`DischargeSummary`), :fu
 __version__ = "0.1.0"
 
 from epicrisis.errors import EpicrisisError, InputError
-from epicrisis.pipeline import render, summarize
+from epicrisis.pipeline import build_prompt, render, summarize
 from epicrisis.summary.model import DischargeSummary
 
 __all__ = [
