@@ -7,8 +7,11 @@ line on stderr, starting ``epicrisis:``, never a traceback and never the input's
 from __future__ import annotations
 
 import json
+import re
+import signal
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -154,3 +157,28 @@ def test_file_and_stdin_give_the_same_bytes() -> None:
     assert from_file.returncode == from_stdin.returncode == 0
     assert from_file.stdout == from_stdin.stdout == again.stdout
     assert json.loads(from_file.stdout)["encounter"]["reference"] == "Encounter/enc-1"
+
+
+def test_tgi_sim_serves_until_sigterm_and_a_taken_port_is_one_line() -> None:
+    """``epicrisis tgi-sim`` prints its URL, answers /info, stops cleanly on SIGTERM."""
+    with subprocess.Popen(
+        [str(EPICRISIS), "tgi-sim", "--port", "0"], stderr=subprocess.PIPE, text=True
+    ) as sim:
+        _serve_and_stop(sim)
+
+
+def _serve_and_stop(sim: subprocess.Popen[str]) -> None:
+    try:
+        assert sim.stderr is not None
+        banner = sim.stderr.readline()
+        match = re.search(r"http://127\.0\.0\.1:(\d+)", banner)
+        assert match, banner
+        port = match.group(1)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=10) as answer:
+            assert json.loads(answer.read())["max_concurrent_requests"] == 128
+        taken = run("tgi-sim", "--port", port)
+        assert taken.returncode == 3
+        assert_one_clean_line(taken, "Address already in use")
+    finally:
+        sim.send_signal(signal.SIGTERM)
+        assert sim.wait(timeout=20) == 0

@@ -1,4 +1,4 @@
-"""The ``epicrisis`` command line: summarize and prompt, one clear line on stderr on failure."""
+"""The ``epicrisis`` command line: one clear line on stderr on failure, never a traceback."""
 
 from __future__ import annotations
 
@@ -20,10 +20,14 @@ EXIT_INTERNAL = 70  # EX_SOFTWARE
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # tgi-sim's flags are parsed by the simulator itself, so other commands never import it.
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "tgi-sim":
+        args.sim_argv = extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        data = _read_input(args)
-        return int(args.run(args, data))
+        return int(args.run(args))
     except InputError as exc:
         return _fail(f"invalid input: {exc}", EXIT_INPUT)
     except ConfigurationError as exc:
@@ -32,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"error: {exc}", EXIT_INTERNAL)
     except BrokenPipeError:
         return 0
+    except OSError as exc:  # e.g. the simulator's port is taken; strerror names no input
+        return _fail(f"error: {exc.strerror or type(exc).__name__}", EXIT_CONFIG)
     except KeyboardInterrupt:
         return _fail("interrupted", 130)
     except Exception as exc:  # last resort: a bug, reported without a traceback or input content
@@ -61,11 +67,14 @@ def _read_input(args: argparse.Namespace) -> bytes:
         raise InputError(f"permission denied: {path}") from None
 
 
-def _summarize(args: argparse.Namespace, data: bytes) -> int:
+def _summarize(args: argparse.Namespace) -> int:
     from epicrisis.pipeline import render, summarize
 
     summary = summarize(
-        data, encounter_id=args.encounter, strict=args.strict, allow_emergency=args.emergency
+        _read_input(args),
+        encounter_id=args.encounter,
+        strict=args.strict,
+        allow_emergency=args.emergency,
     )
     sys.stdout.write(render(summary, args.format))
     return 0
@@ -78,14 +87,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"epicrisis: {message} (see '{self.prog} --help')\n")
 
 
-def _prompt(args: argparse.Namespace, data: bytes) -> int:
+def _prompt(args: argparse.Namespace) -> int:
     import orjson
 
     from epicrisis.pipeline import build_prompt
     from epicrisis.prompt import load_tokenizer
 
     result = build_prompt(
-        data,
+        _read_input(args),
         encounter_id=args.encounter,
         max_input_tokens=args.max_input_tokens,
         tokenizer=load_tokenizer(args.tokenizer),
@@ -103,6 +112,25 @@ def _prompt(args: argparse.Namespace, data: bytes) -> int:
         f"epicrisis: {result.token_count} tokens ({counted}, {result.tokenizer}) of "
         f"{result.max_input_tokens}; {omitted}\n"
     )
+    return 0
+
+
+def _tgi_sim(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from epicrisis.llm import simulator
+
+    parser = _Parser(
+        prog="epicrisis tgi-sim",
+        description="Serve the TGI simulator: TGI's HTTP protocol with no GPU, "
+        "with settable latency and faults.",
+    )
+    simulator.add_arguments(parser)
+    try:
+        config = simulator.config_from_args(parser.parse_args(args.sim_argv))
+    except ValueError as exc:
+        raise ConfigurationError(str(exc)) from None
+    asyncio.run(simulator.serve(config))
     return 0
 
 
@@ -149,6 +177,13 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="one JSON object: messages, token count, omissions"
     )
     prompt.set_defaults(run=_prompt)
+
+    tgi_sim = commands.add_parser(
+        "tgi-sim",
+        help="serve the TGI simulator (tests, development, load tests); see tgi-sim --help",
+        add_help=False,
+    )
+    tgi_sim.set_defaults(run=_tgi_sim)
     return parser
 
 
