@@ -41,6 +41,14 @@ EXPIRED_DISPOSITIONS = frozenset({"exp", "20", "40", "41", "42"})  # HL7 dischar
 VOID = frozenset({"entered-in-error", "cancelled"})
 PENDING = frozenset({"registered", "preliminary", "partial"})
 ACTIVE_PROBLEM = frozenset({"active", "recurrence", "relapse"})
+# Resources with no encounter link count when these times fall inside the stay.
+WINDOW_FIELDS = {
+    "Observation": ("effectiveDateTime", "effectiveInstant"),
+    "Procedure": ("performedDateTime",),
+    "DiagnosticReport": ("effectiveDateTime",),
+    "DocumentReference": ("date",),
+    "Composition": ("date",),
+}
 # Which element links a resource type to its encounter.
 ENCOUNTER_FIELD = {
     "MedicationAdministration": "context",
@@ -146,9 +154,7 @@ def gather_stay(
     encounter_facts = _encounter_facts(enc_entry, encounter, tz, start, end, diagnoses)
 
     readings = []
-    for entry, obs in scope.in_stay(
-        "Observation", by_time=("effectiveDateTime", "effectiveInstant")
-    ):
+    for entry, obs in scope.in_stay("Observation"):
         if obs.get("status") not in VOID:
             readings.extend(readings_of(entry.local_ref, obs, tz))
     medications = tuple(_medications(reader, scope, tz))
@@ -186,6 +192,7 @@ class _Scope:
         self.start = start
         self.end = end
         self.single_patient = len(reader.bundle.of_type("Patient")) <= 1
+        self._in_stay: dict[str, list[tuple[Entry, Json]]] = {}
         # Conditions the Encounter names (diagnosis, reasonReference) belong to the stay too.
         named = [
             d.get("condition") for d in stay.resource.get("diagnosis") or [] if isinstance(d, dict)
@@ -202,20 +209,27 @@ class _Scope:
             if self._belongs_to_patient(entry):
                 yield entry
 
-    def in_stay(
-        self, resource_type: str, *, by_time: tuple[str, ...] = ()
-    ) -> Iterable[tuple[Entry, Json]]:
-        """Validated resources linked to the stay, or (by_time) unlinked but inside its window."""
-        for entry in self.of_patient(resource_type):
-            link = self._encounter_link(entry)
-            if link is not None:
-                if link is not self.stay:
+    def in_stay(self, resource_type: str) -> list[tuple[Entry, Json]]:
+        """Validated resources linked to the stay, or unlinked but timed inside its window.
+
+        Computed once per type: several sections read the same resources.
+        """
+        found = self._in_stay.get(resource_type)
+        if found is None:
+            found = []
+            timed_by = WINDOW_FIELDS.get(resource_type, ())
+            for entry in self.of_patient(resource_type):
+                link = self._encounter_link(entry)
+                if link is not None:
+                    if link is not self.stay:
+                        continue
+                elif not timed_by or not self._in_window(entry, timed_by):
                     continue
-            elif not by_time or not self._in_window(entry, by_time):
-                continue
-            resource = self.reader.read(entry)
-            if resource is not None:
-                yield entry, resource
+                resource = self.reader.read(entry)
+                if resource is not None:
+                    found.append((entry, resource))
+            self._in_stay[resource_type] = found
+        return found
 
     def links_to_stay(self, entry: Entry) -> bool:
         return self._encounter_link(entry) is self.stay
@@ -368,7 +382,7 @@ def _active_problem(cond: ConditionFact, end: When | None) -> bool:
 
 def _procedures(scope: _Scope, tz: tzinfo) -> Iterable[ProcedureFact]:
     found = []
-    for entry, proc in scope.in_stay("Procedure", by_time=("performedDateTime",)):
+    for entry, proc in scope.in_stay("Procedure"):
         concept = concept_of(proc.get("code"))
         if concept is None or proc.get("status") in VOID | {"not-done"}:
             continue
@@ -453,7 +467,7 @@ def _allergies(scope: _Scope) -> Iterable[AllergyFact]:
 
 def _reports(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[ReportFact]:
     found = []
-    for entry, report in scope.in_stay("DiagnosticReport", by_time=("effectiveDateTime",)):
+    for entry, report in scope.in_stay("DiagnosticReport"):
         concept = concept_of(report.get("code"))
         if concept is None:
             continue
@@ -480,7 +494,7 @@ def _reports(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[ReportFact]
 
 def _notes(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[NoteFact]:
     found = []
-    for entry, doc in scope.in_stay("DocumentReference", by_time=("date",)):
+    for entry, doc in scope.in_stay("DocumentReference"):
         if doc.get("status") == "entered-in-error":
             continue
         concept = concept_of(doc.get("type"))
@@ -500,7 +514,7 @@ def _notes(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[NoteFact]:
                 text,
             )
         )
-    for entry, comp in scope.in_stay("Composition", by_time=("date",)):
+    for entry, comp in scope.in_stay("Composition"):
         if comp.get("status") == "entered-in-error":
             continue
         parts = []
