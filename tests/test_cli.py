@@ -7,14 +7,20 @@ line on stderr, starting ``epicrisis:``, never a traceback and never the input's
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import subprocess
 import sys
 import urllib.request
+from importlib import resources
 from pathlib import Path
 
+import grpc
 import pytest
+
+from epicrisis.v1 import summarizer_pb2 as pb
+from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 
 EPICRISIS = Path(sys.executable).parent / "epicrisis"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -182,3 +188,23 @@ def _serve_and_stop(sim: subprocess.Popen[str]) -> None:
     finally:
         sim.send_signal(signal.SIGTERM)
         assert sim.wait(timeout=20) == 0
+
+
+def test_serve_embedded_answers_over_grpc_and_drains_on_sigterm() -> None:
+    env = {**os.environ, "EPICRISIS_GRPC_PORT": "0"}
+    with subprocess.Popen(
+        [str(EPICRISIS), "serve", "--embedded"], stderr=subprocess.PIPE, text=True, env=env
+    ) as server:
+        try:
+            assert server.stderr is not None
+            banner = server.stderr.readline()
+            match = re.search(r"127\.0\.0\.1:(\d+)", banner)
+            assert match, banner
+            sample = resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()
+            with grpc.insecure_channel(f"127.0.0.1:{match.group(1)}") as channel:
+                stub = pb_grpc.DischargeSummarizerStub(channel)
+                job = stub.Summarize(pb.SubmitRequest(bundle=sample), timeout=60)
+            assert job.state == pb.JOB_STATE_SUCCEEDED
+        finally:
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=30) == 0

@@ -134,6 +134,16 @@ def _tgi_sim(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from epicrisis.config import get_settings
+    from epicrisis.serving.server import run_embedded
+
+    asyncio.run(run_embedded(get_settings()))
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="epicrisis",
@@ -177,6 +187,17 @@ def _parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="one JSON object: messages, token count, omissions"
     )
     prompt.set_defaults(run=_prompt)
+
+    serve = commands.add_parser(
+        "serve", help="serve the gRPC API (EPICRISIS_GRPC_HOST, EPICRISIS_GRPC_PORT)"
+    )
+    serve.add_argument(
+        "--embedded",
+        action="store_true",
+        required=True,  # the queued mode (Redis, Celery workers) is not built yet
+        help="run the jobs in this process (no Redis); extractive backend",
+    )
+    serve.set_defaults(run=_serve)
 
     tgi_sim = commands.add_parser(
         "tgi-sim",

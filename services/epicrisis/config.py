@@ -32,6 +32,10 @@ class Settings(BaseSettings):
 
     limits: Limits = Field(default_factory=Limits)
     tokenizer_path: Path | None = None
+    grpc_host: str = "127.0.0.1"  # 0.0.0.0 in a container; loopback by default
+    grpc_port: int = Field(50051, ge=0, le=65535)
+    embedded_concurrency: int = Field(2, gt=0)  # jobs run at once by the embedded worker
+    shutdown_grace_seconds: float = Field(10.0, ge=0)
     max_input_tokens: int = Field(8192 - 1536, gt=256)
 
 

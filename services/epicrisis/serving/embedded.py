@@ -1,0 +1,125 @@
+"""The embedded worker: jobs run in the server's own process, for a laptop or a small site.
+
+The same pipeline functions as the CLI and the Celery worker; CPU-bound steps run in
+threads so the event loop keeps serving RPCs. At most ``concurrency`` jobs run at once and
+at most ``max_queued`` wait; beyond that Submit answers RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+from epicrisis import __version__
+from epicrisis.errors import EpicrisisError, InputError
+from epicrisis.serving.jobs import JobFailure, JobRecord, JobState, MemoryJobStore, QueueFull
+from epicrisis.stay import Stay
+from epicrisis.summary.model import DischargeSummary
+from epicrisis.summary.render_fhir import render_fhir
+
+Summarizer = Callable[[Stay], Awaitable[DischargeSummary]]
+log = logging.getLogger(__name__)
+
+
+class EmbeddedWorker:
+    def __init__(
+        self,
+        store: MemoryJobStore,
+        summarizer: Summarizer,
+        *,
+        concurrency: int = 2,
+        max_queued: int = 1000,
+    ) -> None:
+        self._store = store
+        self._summarizer = summarizer
+        self._queue: asyncio.Queue[tuple[str, Stay]] = asyncio.Queue(maxsize=max_queued)
+        self._concurrency = concurrency
+        self._consumers: list[asyncio.Task[None]] = []
+        self._running: dict[str, asyncio.Task[None]] = {}
+
+    async def start(self) -> None:
+        self._consumers = [asyncio.create_task(self._consume()) for _ in range(self._concurrency)]
+
+    async def stop(self) -> None:
+        for task in self._consumers:
+            task.cancel()
+        await asyncio.gather(*self._consumers, return_exceptions=True)
+
+    def enqueue(self, job_id: str, stay: Stay) -> None:
+        try:
+            self._queue.put_nowait((job_id, stay))
+        except asyncio.QueueFull:
+            raise QueueFull(f"{self._queue.maxsize} jobs are waiting; retry later") from None
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        record = await self._store.update(
+            job_id, lambda r: replace(r, state=JobState.CANCELLED, finished_at=time.time())
+        )
+        task = self._running.get(job_id)
+        if task is not None:
+            task.cancel()
+        return record
+
+    async def _consume(self) -> None:
+        while True:
+            job_id, stay = await self._queue.get()
+            try:
+                record = await self._store.get(job_id)
+                if not record.final:  # cancelled while it waited
+                    task = asyncio.create_task(self._run(job_id, stay))
+                    self._running[job_id] = task
+                    await asyncio.gather(task, return_exceptions=True)
+            finally:
+                self._running.pop(job_id, None)
+                self._queue.task_done()
+
+    async def _run(self, job_id: str, stay: Stay) -> None:
+        await self._store.update(
+            job_id,
+            lambda r: replace(
+                r, state=JobState.RUNNING, started_at=time.time(), stage="summarizing", fraction=0.1
+            ),
+        )
+        try:
+            summary = await self._summarizer(stay)
+            document = await asyncio.to_thread(render_fhir, summary, version=__version__)
+        except asyncio.CancelledError:
+            return  # CancelJob already recorded the final state
+        except EpicrisisError as exc:
+            await self._fail(job_id, _failure(exc))
+            return
+        except Exception as exc:  # a bug: record it without input content, keep serving
+            log.error("job %s failed with an internal error (%s)", job_id, type(exc).__name__)
+            await self._fail(
+                job_id, JobFailure("internal", "internal error; please report it", True)
+            )
+            return
+        await self._store.update(
+            job_id,
+            lambda r: replace(
+                r,
+                state=JobState.SUCCEEDED,
+                finished_at=time.time(),
+                stage="done",
+                fraction=1.0,
+                summary=summary,
+                fhir_document=document,
+            ),
+        )
+
+    async def _fail(self, job_id: str, failure: JobFailure) -> None:
+        await self._store.update(
+            job_id,
+            lambda r: replace(r, state=JobState.FAILED, finished_at=time.time(), error=failure),
+        )
+
+
+def _failure(exc: EpicrisisError) -> JobFailure:
+    if isinstance(exc, InputError):
+        return JobFailure("invalid-input", str(exc), False)
+    retryable = bool(getattr(exc, "retryable", False))
+    code = "backend-unavailable" if retryable else "failed"
+    return JobFailure(code, str(exc), retryable)

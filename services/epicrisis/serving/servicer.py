@@ -1,0 +1,148 @@
+"""The DischargeSummarizer service: validate now, queue the work, report the job.
+
+Dependencies come through the constructor (a job store and a worker), so the embedded and
+the queued modes share this code. Every method goes through :func:`_unary` or
+:func:`_streaming`, which turn errors into status codes in one place (:mod:`status`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+
+from epicrisis.pipeline import load_stay
+from epicrisis.serving.convert import job_message
+from epicrisis.serving.jobs import JobRecord, MemoryJobStore, QueueFull, fingerprint
+from epicrisis.serving.status import status_for
+from epicrisis.stay import Stay
+from epicrisis.v1 import summarizer_pb2 as pb
+from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DischargeSummarizer"].full_name
+DEADLINE_MARGIN_SECONDS = 0.05  # answer DEADLINE_EXCEEDED ourselves, before the transport does
+
+Request = TypeVar("Request")
+Response = TypeVar("Response")
+
+
+class Worker(Protocol):
+    """What the servicer needs of a worker: a queue (that may be full) and cancellation."""
+
+    def enqueue(self, job_id: str, stay: Stay) -> None: ...
+
+    async def cancel(self, job_id: str) -> JobRecord: ...
+
+
+def _unary(
+    method: Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext], Awaitable[Response]]:
+    @functools.wraps(method)
+    async def guarded(self: Any, request: Request, context: grpc.aio.ServicerContext) -> Response:
+        try:
+            return await method(self, request, context)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await context.abort_with_status(status_for(exc))
+            raise  # abort_with_status raises; this line is never reached
+
+    return guarded
+
+
+def _streaming(
+    method: Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]],
+) -> Callable[[Any, Request, grpc.aio.ServicerContext], AsyncIterator[Response]]:
+    @functools.wraps(method)
+    async def guarded(
+        self: Any, request: Request, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[Response]:
+        try:
+            async for item in method(self, request, context):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await context.abort_with_status(status_for(exc))
+
+    return guarded
+
+
+class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
+    def __init__(self, store: MemoryJobStore, worker: Worker) -> None:
+        self._store = store
+        self._worker = worker
+
+    @_unary
+    async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        return job_message(await self._accept(request))
+
+    @_unary
+    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
+        return job_message(await self._store.get(request.id))
+
+    @_streaming
+    async def WatchJob(
+        self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.Job]:
+        async for record in self._store.watch(request.id):
+            yield job_message(record)
+
+    @_unary
+    async def Summarize(
+        self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Job:
+        record = await self._accept(request)
+        remaining = context.time_remaining()
+        budget = None if remaining is None else max(remaining - DEADLINE_MARGIN_SECONDS, 0.0)
+        try:
+            final = await asyncio.wait_for(self._final(record.id), budget)
+        except TimeoutError:
+            await self._worker.cancel(record.id)  # nobody waits for it any more
+            await context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"job {record.id} did not finish before the deadline and was cancelled",
+            )
+        except asyncio.CancelledError:
+            await self._worker.cancel(record.id)  # the caller went away
+            raise
+        return job_message(final)
+
+    @_unary
+    async def CancelJob(
+        self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Job:
+        return job_message(await self._worker.cancel(request.id))
+
+    async def _accept(self, request: pb.SubmitRequest) -> JobRecord:
+        """Validate the Bundle (bad input fails the RPC), then create and queue the job."""
+        options = request.options
+        encounter_id = request.encounter_id if request.HasField("encounter_id") else None
+        stay = await asyncio.to_thread(
+            load_stay,
+            request.bundle,
+            encounter_id=encounter_id,
+            strict=options.strict,
+            allow_emergency=options.allow_emergency,
+        )
+        digest = fingerprint(
+            request.bundle, encounter_id, options.SerializeToString(deterministic=True)
+        )
+        key = request.idempotency_key if request.HasField("idempotency_key") else None
+        record, created = await self._store.create(idempotency_key=key, request_digest=digest)
+        if created:
+            try:
+                self._worker.enqueue(record.id, stay)
+            except QueueFull:
+                await self._store.discard(record.id)  # a retry with the same key starts afresh
+                raise
+        return record
+
+    async def _final(self, job_id: str) -> JobRecord:
+        async for record in self._store.watch(job_id):
+            if record.final:
+                return record
+        raise AssertionError("a watch ends with a final state")

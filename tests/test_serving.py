@@ -1,0 +1,270 @@
+"""The gRPC API over a real channel on loopback, with the embedded worker (no Redis)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+from fhir.resources.R4B.bundle import Bundle
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from epicrisis.config import Settings
+from epicrisis.serving.server import embedded_service
+from epicrisis.serving.servicer import SERVICE_NAME
+from epicrisis.stay import Stay
+from epicrisis.summary.model import DischargeSummary
+from epicrisis.v1 import summarizer_pb2 as pb
+from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
+
+SAMPLE = resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+SENTINEL = "ZEBRA-SENTINEL"
+T = TypeVar("T")
+
+
+@asynccontextmanager
+async def api(
+    summarizer: Callable[[Stay], Awaitable[DischargeSummary]] | None = None, **kwargs: Any
+) -> AsyncIterator[tuple[pb_grpc.DischargeSummarizerStub, grpc.aio.Channel]]:
+    options: dict[str, Any] = dict(kwargs)
+    if summarizer is not None:
+        options["summarizer"] = summarizer
+    settings = Settings(embedded_concurrency=1, shutdown_grace_seconds=1)
+    async with (
+        embedded_service(settings, "127.0.0.1:0", **options) as (_, port, _health),
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        yield pb_grpc.DischargeSummarizerStub(channel), channel
+
+
+def run(scenario: Callable[[], Awaitable[T]]) -> T:
+    return asyncio.run(scenario())
+
+
+class Gate:
+    """A summarizer that waits until released: jobs that stay RUNNING on demand."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def __call__(self, stay: Stay) -> DischargeSummary:
+        from epicrisis.pipeline import summarize_stay
+
+        self.started.set()
+        await self.release.wait()
+        return summarize_stay(stay)
+
+
+def test_submit_then_watch_until_the_summary_and_its_document() -> None:
+    async def scenario() -> list[pb.Job]:
+        async with api() as (stub, _):
+            job = await stub.Submit(pb.SubmitRequest(bundle=SAMPLE))
+            assert job.state == pb.JOB_STATE_QUEUED and job.id
+            return [update async for update in stub.WatchJob(pb.WatchJobRequest(id=job.id))]
+
+    updates = run(scenario)
+    final = updates[-1]
+    assert final.state == pb.JOB_STATE_SUCCEEDED
+    assert [u.state for u in updates] == sorted(u.state for u in updates)  # never backwards
+    assert final.summary.kind == pb.SUMMARY_KIND_DISCHARGE
+    assert final.summary.encounter.reference == "Encounter/enc-7daf1ddf68df"
+    loincs = [s.loinc for s in final.summary.sections]
+    assert "11535-2" in loincs and "48765-2" in loincs
+    assert all(i.sources for s in final.summary.sections for i in s.items)
+    Bundle.model_validate_json(final.fhir_document)
+    assert final.HasField("created_at") and final.HasField("finished_at")
+
+
+def test_summarize_waits_for_the_result_and_get_job_reads_it() -> None:
+    async def scenario() -> tuple[pb.Job, pb.Job]:
+        async with api() as (stub, _):
+            done = await stub.Summarize(pb.SubmitRequest(bundle=SAMPLE), timeout=60)
+            again = await stub.GetJob(pb.GetJobRequest(id=done.id))
+            return done, again
+
+    done, again = run(scenario)
+    assert done.state == again.state == pb.JOB_STATE_SUCCEEDED
+    assert done.summary == again.summary
+
+
+def test_bad_input_is_invalid_argument_naming_the_entry_without_its_content() -> None:
+    doc = json.loads((FIXTURES / "collection-relative.json").read_text())
+    for index, entry in enumerate(doc["entry"]):
+        if entry["resource"]["resourceType"] == "Encounter":
+            entry["resource"]["period"]["start"] = f"{SENTINEL} last tuesday"
+            broken = index
+
+    async def scenario() -> grpc.aio.AioRpcError:
+        async with api() as (stub, _):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Submit(pb.SubmitRequest(bundle=json.dumps(doc).encode()))
+            return raised.value
+
+    error = run(scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert f"entry[{broken}]" in (error.details() or "")
+    assert SENTINEL not in (error.details() or "")
+    status = rpc_status.from_call(error)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    violation = bad_request.field_violations[0]
+    assert violation.field == f"bundle.entry[{broken}].resource.period.start"
+    assert "Encounter" in violation.description and SENTINEL not in violation.description
+
+
+@pytest.mark.parametrize(
+    ("bundle", "words"),
+    [
+        (b"not json", "not valid JSON"),
+        (b'{"resourceType": "Patient"}', "bare Patient"),
+        (b'{"resourceType": "Bundle", "type": "collection", "entry": []}', "--encounter"),
+    ],
+)
+def test_other_bad_inputs_are_refused_synchronously(bundle: bytes, words: str) -> None:
+    async def scenario() -> grpc.aio.AioRpcError:
+        async with api() as (stub, _):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Submit(pb.SubmitRequest(bundle=bundle))
+            return raised.value
+
+    error = run(scenario)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert words in (error.details() or "")
+
+
+def test_an_unknown_job_is_not_found() -> None:
+    async def scenario() -> list[grpc.StatusCode]:
+        codes = []
+        async with api() as (stub, _):
+            for call in (
+                stub.GetJob(pb.GetJobRequest(id="nope")),
+                stub.CancelJob(pb.CancelJobRequest(id="nope")),
+            ):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await call
+                codes.append(raised.value.code())
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                async for _ in stub.WatchJob(pb.WatchJobRequest(id="nope")):
+                    pass
+            codes.append(raised.value.code())
+        return codes
+
+    assert run(scenario) == [grpc.StatusCode.NOT_FOUND] * 3
+
+
+def test_the_same_idempotency_key_returns_the_same_job_and_never_a_second_run() -> None:
+    calls: list[str] = []
+
+    async def counting(stay: Stay) -> DischargeSummary:
+        from epicrisis.pipeline import summarize_stay
+
+        calls.append(stay.encounter.ref)
+        return summarize_stay(stay)
+
+    async def scenario() -> tuple[pb.Job, pb.Job, grpc.aio.AioRpcError]:
+        async with api(counting) as (stub, _):
+            request = pb.SubmitRequest(bundle=SAMPLE, idempotency_key="order-17")
+            first = await stub.Summarize(request, timeout=60)
+            second = await stub.Submit(request)
+            other = pb.SubmitRequest(
+                bundle=SAMPLE, idempotency_key="order-17", encounter_id="enc-7daf1ddf68df"
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Submit(other)
+            return first, second, raised.value
+
+    first, second, conflict = run(scenario)
+    assert first.id == second.id and second.state == pb.JOB_STATE_SUCCEEDED
+    assert len(calls) == 1
+    assert conflict.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+def test_cancel_job_stops_a_running_job() -> None:
+    gate = Gate()
+
+    async def scenario() -> tuple[pb.Job, pb.Job]:
+        async with api(gate) as (stub, _):
+            job = await stub.Submit(pb.SubmitRequest(bundle=SAMPLE))
+            await gate.started.wait()
+            cancelled = await stub.CancelJob(pb.CancelJobRequest(id=job.id))
+            gate.release.set()
+            await asyncio.sleep(0.1)
+            return cancelled, await stub.GetJob(pb.GetJobRequest(id=job.id))
+
+    cancelled, later = run(scenario)
+    assert cancelled.state == later.state == pb.JOB_STATE_CANCELLED
+    assert not later.HasField("summary")
+
+
+def test_summarize_past_its_deadline_is_deadline_exceeded_and_the_job_is_cancelled() -> None:
+    gate = Gate()
+
+    async def scenario() -> tuple[grpc.aio.AioRpcError, list[pb.Job]]:
+        async with api(gate) as (stub, _):
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Summarize(pb.SubmitRequest(bundle=SAMPLE), timeout=1.0)
+            job_id = (raised.value.details() or "").split()[1]
+            return raised.value, [await stub.GetJob(pb.GetJobRequest(id=job_id))]
+
+    error, (job,) = run(scenario)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert job.state == pb.JOB_STATE_CANCELLED
+
+
+def test_a_full_queue_is_resource_exhausted() -> None:
+    gate = Gate()
+
+    async def scenario() -> tuple[grpc.StatusCode, pb.Job]:
+        async with api(gate, max_queued=1) as (stub, _):
+            await stub.Submit(pb.SubmitRequest(bundle=SAMPLE))  # running
+            await gate.started.wait()
+            await stub.Submit(pb.SubmitRequest(bundle=SAMPLE))  # waiting
+            with pytest.raises(grpc.aio.AioRpcError) as raised:
+                await stub.Submit(pb.SubmitRequest(bundle=SAMPLE, idempotency_key="k"))
+            gate.release.set()
+            # The refused key was forgotten: the same request is accepted once there is room.
+            retried = None
+            for _ in range(100):
+                try:
+                    retried = await stub.Submit(
+                        pb.SubmitRequest(bundle=SAMPLE, idempotency_key="k")
+                    )
+                    break
+                except grpc.aio.AioRpcError:
+                    await asyncio.sleep(0.05)
+            assert retried is not None
+            return raised.value.code(), retried
+
+    code, retried = run(scenario)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retried.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING, pb.JOB_STATE_SUCCEEDED)
+
+
+def test_health_and_reflection_are_on() -> None:
+    async def scenario() -> tuple[int, list[str]]:
+        async with api() as (_, channel):
+            health = health_pb2_grpc.HealthStub(channel)
+            status = await health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+            reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
+            names: list[str] = []
+            async for answer in reflect.ServerReflectionInfo(
+                iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+            ):
+                names = [s.name for s in answer.list_services_response.service]
+            return status.status, names
+
+    status, names = run(scenario)
+    assert status == health_pb2.HealthCheckResponse.SERVING
+    assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
