@@ -742,7 +742,7 @@ BAD_INPUTS: list[Any] = [
         ),
         {"strict": True},
         EntryError,
-        ["entry[3] Zebra", "not a FHIR R4 resource"],
+        ["entry[3] <unknown resourceType>", "not a FHIR R4 resource"],
     ),
     (
         "datatype-as-resource-strict",
@@ -755,7 +755,7 @@ BAD_INPUTS: list[Any] = [
         ),
         {"strict": True},
         EntryError,
-        ["entry[3] Coding", "not a FHIR R4 resource"],
+        ["entry[3] <unknown resourceType>", "not a FHIR R4 resource"],
     ),
 ]
 
@@ -824,7 +824,7 @@ def test_invalid_entry_unknown_element_and_dangling_reference_are_warnings() -> 
 
     unknown = warnings["unknown-element", 5]
     assert unknown.resource_type == "MedicationAdministration"
-    assert unknown.path == "entry[5].resource.dosage.timing"
+    assert unknown.path == "entry[5].resource.dosage.<unknown element>"
 
     assert warnings["dangling-reference", 1].resource_type == "Encounter"
 

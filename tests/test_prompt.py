@@ -256,7 +256,6 @@ def make_stay(
         admit_source=concept("Emergency department"),
         disposition=disposition,
         service=None,
-        diagnoses=diagnoses,
         tz=TZ,
     )
     patient = PatientFacts("Patient/p1", "female", None, 71, at(13, 14) if died else None)

@@ -320,3 +320,240 @@ def test_gathering_twice_from_one_ingest_reports_each_warning_once() -> None:
     first = gather_stay(ingested)
     second = gather_stay(ingested)
     assert len(first.warnings) == len(second.warnings) == 1
+
+
+# -- found in review: each of these was wrong once -------------------------------------
+
+
+def test_orders_of_the_stay_without_a_take_home_category_are_never_new() -> None:
+    stay = load_stay(
+        bundle(
+            patient(),
+            encounter(),
+            med_request(
+                "done",
+                "Ceftriaxone",
+                "2193",
+                status="completed",
+                encounter_id="e1",
+                authored="2024-06-10",
+            ),
+            med_request(
+                "ip-stopped",
+                "Vancomycin",
+                "11124",
+                status="stopped",
+                category="inpatient",
+                encounter_id="e1",
+                authored="2024-06-10",
+            ),
+            med_request("nocat", "Furosemide", "4603", encounter_id="e1", authored="2024-06-11"),
+        )
+    )
+    assert [(c.drug.label, c.status) for c in stay.discharge_medications] == [
+        ("Furosemide", "inpatient-active")
+    ]
+
+
+def test_another_stays_orders_are_not_home_medications() -> None:
+    stay = load_stay(
+        bundle(
+            patient(),
+            encounter("old", start="2023-01-01T08:00:00+02:00", end="2023-01-03T08:00:00+02:00"),
+            encounter(),
+            med_request("old-ip", "Heparin", "5224", encounter_id="old", authored="2023-01-01"),
+        )
+    )
+    assert stay.discharge_medications == ()
+
+
+@pytest.mark.parametrize(
+    ("deceased", "disposition", "death"),
+    [
+        ("2024-06-10", None, True),  # a date on the admission day (admitted 08:00)
+        ("2024-06-14T20:00:00+02:00", "home", False),  # after a 10:00 discharge home
+        (None, {"text": "Expired"}, True),  # text only, nothing coded
+    ],
+)
+def test_death_in_hospital_by_date_time_or_text(
+    deceased: str | None, disposition: Any, death: bool
+) -> None:
+    extra: dict[str, Any] = {}
+    if disposition == "home":
+        extra["hospitalization"] = {"dischargeDisposition": {"coding": [{"code": "home"}]}}
+    elif disposition:
+        extra["hospitalization"] = {"dischargeDisposition": disposition}
+    pat = patient(deceasedDateTime=deceased) if deceased else patient()
+    summary = summarize(bundle(pat, encounter(**extra)))
+    assert (summary.kind == "death-summary") is death
+
+
+def test_a_date_only_discharge_keeps_that_whole_day_and_its_offset() -> None:
+    data = bundle(
+        patient(),
+        encounter(start="2024-06-15", end="2024-06-20T12:00:00+02:00"),
+        observation("last-day", "2024-06-20T08:00:00+02:00", 3.5),
+    )
+    summary = summarize(data)
+    assert summary.encounter.timezone == "UTC+02:00"
+    assert "Observation/last-day" in summary.source_references()
+    data = bundle(
+        patient(),
+        encounter(start="2024-06-15T10:00:00+02:00", end="2024-06-20"),
+        observation("last-day", "2024-06-20T08:00:00+02:00", 3.5),
+    )
+    summary = summarize(data)
+    assert "Observation/last-day" in summary.source_references()
+    assert summary.encounter.length_of_stay_days == 5
+
+
+def test_within_range_is_said_only_where_the_source_gives_a_range() -> None:
+    def reading(oid: str, when: str, value: float, flag: str | None) -> dict[str, Any]:
+        obs = observation(oid, when, value, encounter={"reference": "Encounter/e1"})
+        del obs["referenceRange"]
+        if flag:
+            obs["interpretation"] = [{"coding": [{"code": flag}]}]
+        return obs
+
+    summary = summarize(
+        bundle(
+            patient(),
+            encounter(),
+            reading("k1", "2024-06-11T08:00:00+02:00", 6.8, "HH"),
+            reading("k2", "2024-06-12T08:00:00+02:00", 6.1, None),
+        )
+    )
+    course = " ".join(s.text for s in summary.section("hospital_course").narrative)
+    assert "within range" not in course and "6.1 mg/dL at last measurement" in course
+
+
+def test_an_unreadable_allergy_is_listed_not_read_as_no_allergies() -> None:
+    broken = {
+        "resourceType": "AllergyIntolerance",
+        "id": "a1",
+        "patient": {"reference": "Patient/p1"},
+        "code": {"text": "Penicillin"},
+        "onsetDateTime": "2019-13-45",
+    }
+    summary = summarize(bundle(patient(), encounter(), broken))
+    section = summary.section("allergies")
+    assert [i.status for i in section.items] == ["unreadable record"]
+    assert section.items[0].sources == ["AllergyIntolerance/a1"]
+    assert section.empty_reason is None
+
+
+def test_no_known_allergy_is_a_statement_not_an_allergen() -> None:
+    nka = {
+        "resourceType": "AllergyIntolerance",
+        "id": "nka",
+        "patient": {"reference": "Patient/p1"},
+        "code": {
+            "coding": [
+                {
+                    "system": "http://snomed.info/sct",
+                    "code": "716186003",
+                    "display": "No known allergy",
+                }
+            ]
+        },
+    }
+    summary = summarize(bundle(patient(), encounter(), nka))
+    assert [i.status for i in summary.section("allergies").items] == ["no known allergy"]
+    instructions = " ".join(s.text for s in summary.section("discharge_instructions").narrative)
+    assert "Avoid" not in instructions
+
+
+def test_readings_in_different_units_are_different_series() -> None:
+    celsius = observation(
+        "t1", "2024-06-11T08:00:00+02:00", 39.4, encounter={"reference": "Encounter/e1"}
+    )
+    fahrenheit = observation(
+        "t2", "2024-06-12T08:00:00+02:00", 98.6, encounter={"reference": "Encounter/e1"}
+    )
+    fahrenheit["valueQuantity"]["unit"] = "[degF]"
+    stay = load_stay(bundle(patient(), encounter(), celsius, fahrenheit))
+    assert sorted(len(s.readings) for s in stay.observations) == [1, 1]
+
+
+def test_a_resource_without_subject_belongs_to_nobody_in_a_bundle_of_two_patients() -> None:
+    other = {"resourceType": "Patient", "id": "p2"}
+    orphan = observation("orphan", "2024-06-11T08:00:00+02:00", 1.0)
+    del orphan["subject"]
+    stay = load_stay(bundle(patient(), other, encounter(), orphan))
+    assert stay.observations == ()
+
+
+def test_a_versioned_encounter_reference_still_links_to_the_stay() -> None:
+    enc = encounter(meta={"versionId": "3"})
+    obs = observation(
+        "o1", "2024-06-11T08:00:00+02:00", 2.0, encounter={"reference": "Encounter/e1/_history/2"}
+    )
+    stay = load_stay(bundle(patient(), enc, obs))
+    assert [r.ref for s in stay.observations for r in s.readings] == ["Observation/o1"]
+
+
+def test_reason_reference_conditions_are_reasons_for_visit() -> None:
+    cond = {
+        "resourceType": "Condition",
+        "id": "c1",
+        "subject": {"reference": "Patient/p1"},
+        "code": {"text": "Chest pain"},
+    }
+    summary = summarize(
+        bundle(patient(), encounter(reasonReference=[{"reference": "Condition/c1"}]), cond)
+    )
+    items = summary.section("reason_for_visit").items
+    assert [(i.text, i.sources) for i in items] == [("Chest pain", ["Condition/c1"])]
+
+
+def test_raw_json_of_unread_entries_never_crashes_the_gathering() -> None:
+    cond = {
+        "resourceType": "Condition",
+        "id": "c9",
+        "subject": {"reference": "Patient/p1"},
+        "clinicalStatus": {"coding": [{"code": ["active"]}]},
+        "code": {"text": "x"},
+    }
+    order = med_request("odd", "Aspirin", "1191")
+    order["status"] = ["active"]
+    summary = summarize(bundle(patient(), encounter(), cond, order))
+    assert summary.kind == "discharge-summary"
+
+
+def test_ratio_values_are_kept_as_text() -> None:
+    titre = observation(
+        "titre", "2024-06-11T08:00:00+02:00", 0, encounter={"reference": "Encounter/e1"}
+    )
+    del titre["valueQuantity"], titre["referenceRange"]
+    titre["valueRatio"] = {"numerator": {"value": 1}, "denominator": {"value": 40}}
+    summary = summarize(bundle(patient(), encounter(), titre))
+    assert any("1:40" in i.text for i in summary.section("results").items)
+
+
+def test_control_characters_never_reach_the_terminal_or_the_document() -> None:
+    cond = {
+        "resourceType": "Condition",
+        "id": "c1",
+        "subject": {"reference": "Patient/p1"},
+        "encounter": {"reference": "Encounter/e1"},
+        "category": [{"coding": [{"code": "encounter-diagnosis"}]}],
+        "code": {"text": "Pneu\x1b[31mmonia\x00"},
+    }
+    summary = summarize(bundle(patient(), encounter(), cond))
+    for fmt in ("text", "fhir"):
+        out = render(summary, fmt)
+        assert "\x1b" not in out and "\x00" not in out and "\\u0000" not in out
+
+
+def test_type_names_and_keys_the_input_invents_are_never_repeated() -> None:
+    from epicrisis.errors import InputError
+
+    with pytest.raises(InputError) as raised:
+        summarize(json.dumps({"resourceType": "MaryJonesHivPositive"}).encode())
+    assert "MaryJones" not in str(raised.value)
+    odd = observation(
+        "o1", "2024-06-11T08:00:00+02:00", 2.0, encounter={"reference": "Encounter/e1"}
+    )
+    odd["hivPositiveJohnSmith"] = True
+    summary = summarize(bundle(patient(), encounter(), odd))
+    assert summary.warnings and all("JohnSmith" not in (w.path or "") for w in summary.warnings)

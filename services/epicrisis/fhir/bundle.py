@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict
 
 from epicrisis.config import Limits, get_settings
 from epicrisis.errors import BundleError, Location, safe_id, safe_type
+from epicrisis.fhir.models import printable_type, resource_model
 
 BUNDLE_TYPES = frozenset(
     {
@@ -78,7 +79,7 @@ class Entry:
 
     @property
     def location(self) -> Location:
-        return Location(self.index, self.resource_type, safe_id(self.resource_id))
+        return Location(self.index, printable_type(self.resource_type), safe_id(self.resource_id))
 
     @property
     def local_ref(self) -> str:
@@ -141,7 +142,7 @@ def ingest(data: bytes, *, limits: Limits | None = None) -> IngestedBundle:
     if rtype != "Bundle":
         got = (
             f"a bare {rtype} resource; wrap resources in a Bundle"
-            if isinstance(rtype, str) and safe_type(rtype) == rtype
+            if isinstance(rtype, str) and resource_model(rtype) is not None
             else "a JSON object with no valid resourceType (not a FHIR resource)"
         )
         raise BundleError(
@@ -208,7 +209,7 @@ def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
     if rid is not None and safe_id(rid) != rid:
         raise BundleError(
             "resource id is not a valid FHIR id ([A-Za-z0-9-.]{1,64})",
-            location=Location(index, rtype, path=f"entry[{index}].resource.id"),
+            location=Location(index, printable_type(rtype), path=f"entry[{index}].resource.id"),
         )
     return Entry(index, full_url, rtype, rid, resource)
 

@@ -25,17 +25,16 @@ import re
 import types
 import typing
 from decimal import Decimal
-from functools import cache, lru_cache
+from functools import cache
 from typing import Any
 
 from fhir.resources.R4B import get_fhir_model_class
-from fhir.resources.R4B.domainresource import DomainResource
-from fhir.resources.R4B.resource import Resource
 from pydantic import BaseModel, ValidationError
 
 from epicrisis.config import Limits
 from epicrisis.errors import EntryError, Location
 from epicrisis.fhir.bundle import DataWarning, Entry, Json
+from epicrisis.fhir.models import resource_model
 
 # pydantic error types, in words that name the rule and never the value.
 _RULES = {
@@ -63,7 +62,6 @@ _RULES = {
     "unreadable": "resource cannot be read as its FHIR R4 type",
 }
 _ELEMENT_NAME = re.compile(r"_?[a-z][A-Za-z0-9]{0,63}")
-_ABSTRACT = (Resource, DomainResource)
 
 Problem = tuple[str, tuple[int | str, ...]]  # (rule, location inside the resource)
 
@@ -96,18 +94,6 @@ def depth(value: Any, limit: int) -> bool:
         elif isinstance(node, list):
             stack.extend((v, level + 1) for v in node if isinstance(v, dict | list))
     return True
-
-
-@lru_cache(maxsize=1024)  # bounded: the names come from the input
-def resource_model(resource_type: str) -> type[BaseModel] | None:
-    """The R4B model of a concrete resource type; None for anything else (datatypes too)."""
-    try:
-        model = get_fhir_model_class(resource_type)
-    except (KeyError, ValueError, AttributeError):
-        return None
-    if not issubclass(model, Resource) or model in _ABSTRACT:
-        return None
-    return model
 
 
 def validate_entry(
@@ -144,13 +130,16 @@ def validate_entry(
     for _, at in unknown:
         _drop(cleaned, at)
         warnings.append(
-            DataWarning(
-                code="unknown-element",
-                message="element not defined in FHIR R4 was ignored",
-                entry_index=loc.entry_index,
-                resource_type=loc.resource_type,
-                resource_id=loc.resource_id,
-                path=json_path(prefix, at),
+            DataWarning.at(
+                Location(
+                    loc.entry_index,
+                    loc.resource_type,
+                    loc.resource_id,
+                    # An undefined key is the exporter's word, not FHIR's: never repeat it.
+                    json_path(prefix, at[:-1]) + ".<unknown element>",
+                ),
+                "unknown-element",
+                "element not defined in FHIR R4 was ignored",
             )
         )
     problems = _problems(model, cleaned)

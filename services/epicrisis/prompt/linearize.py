@@ -385,10 +385,11 @@ class _Builder:
             if status:
                 facts.append(status)
             detail = f" ({'; '.join(facts)})" if facts else ""
+            label = {"allergy": "Allergy", "none-known": "Recorded", "unreadable": "Unreadable"}
             self.add(
                 "allergies",
                 [handle],
-                f"Allergy: {clean(allergy.substance.label)}{detail}",
+                f"{label[allergy.kind]}: {clean(allergy.substance.label)}{detail}",
                 SAFETY,
                 "allergies",
             )

@@ -96,11 +96,10 @@ class EncounterFacts:
     end: When | None
     length_of_stay_days: float | None
     reasons: tuple[Concept, ...]
-    reason_refs: tuple[str, ...]
+    reason_refs: tuple[str, ...]  # Conditions named by Encounter.reasonReference, as cited
     admit_source: Concept | None
     disposition: Concept | None
     service: Concept | None
-    diagnoses: tuple[DiagnosisFact, ...]
     tz: tzinfo
 
 
@@ -232,6 +231,7 @@ class MedicationFact:
     when: When | None
     dosage: str | None
     of_this_stay: bool
+    of_another_stay: bool = False  # placed during another inpatient or emergency encounter
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,12 +247,18 @@ class MedicationChange:
 
 @dataclass(frozen=True, slots=True)
 class AllergyFact:
+    """An allergy, a recorded "no known allergy", or a record that could not be read."""
+
     ref: str
     substance: Concept
     clinical_status: str | None
     verification: str | None
     criticality: str | None
     reactions: tuple[str, ...]
+    kind: Literal["allergy", "none-known", "unreadable"] = "allergy"
+
+
+UNREADABLE_ALLERGY = Concept("allergy record that could not be read (see the data warnings)")
 
 
 @dataclass(frozen=True, slots=True)

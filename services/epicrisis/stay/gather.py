@@ -17,6 +17,7 @@ from epicrisis.fhir.bundle import DataWarning, Entry, IngestedBundle, Json, Warn
 from epicrisis.fhir.references import ReferenceResolver, reference_of
 from epicrisis.fhir.validate import validate_entry
 from epicrisis.stay.context import (
+    UNREADABLE_ALLERGY,
     AllergyFact,
     Concept,
     ConditionFact,
@@ -34,7 +35,7 @@ from epicrisis.stay.medications import LIVE, drug_of, medication_fact, reconcile
 from epicrisis.stay.notes import attachment_text, html_to_text
 from epicrisis.stay.observations import readings_of, series_of
 from epicrisis.stay.readers import codes_of, concept_of, first_code
-from epicrisis.stay.select import select_encounter
+from epicrisis.stay.select import EMERGENCY_CLASSES, INPATIENT_CLASSES, select_encounter
 from epicrisis.stay.time import When, parse_when
 
 EXPIRED_DISPOSITIONS = frozenset({"exp", "20", "40", "41", "42"})  # HL7 discharge-disposition, NUBC
@@ -132,10 +133,9 @@ def gather_stay(
     patient = reader.require(patient_entry)
 
     period = encounter.get("period") or {}
-    start = parse_when(period.get("start"))
-    tz: tzinfo = (
-        start.at.tzinfo if start and start.precision == "second" and start.at.tzinfo else UTC
-    )
+    bounds = [parse_when(period.get("start")), parse_when(period.get("end"))]
+    timed = [b for b in bounds if b is not None and b.precision == "second"]
+    tz: tzinfo = (timed[0].at.tzinfo or UTC) if timed else UTC
     start = parse_when(period.get("start"), tz)
     end = parse_when(period.get("end"), tz)
     scope = _Scope(reader, enc_entry, patient_entry, start, end)
@@ -151,7 +151,12 @@ def gather_stay(
         and ("encounter-diagnosis" in c.categories or not c.categories or c.ref in listed)
     )
     problems = tuple(c for c in conditions if not c.of_this_stay and _active_problem(c, end))
-    encounter_facts = _encounter_facts(enc_entry, encounter, tz, start, end, diagnoses)
+    reasons = [
+        reader.follow(r, enc_entry, f"reasonReference[{i}]")
+        for i, r in enumerate(encounter.get("reasonReference") or [])
+    ]
+    reason_refs = tuple(t.local_ref for t in reasons if t is not None)
+    encounter_facts = _encounter_facts(enc_entry, encounter, tz, start, end, reason_refs)
 
     readings = []
     for entry, obs in scope.in_stay("Observation"):
@@ -237,8 +242,8 @@ class _Scope:
     def _belongs_to_patient(self, entry: Entry) -> bool:
         raw = entry.resource
         subject = raw.get("subject", raw.get("patient"))
-        if subject is None:
-            return True
+        if subject is None:  # R4 allows it; in a Bundle of several patients it is nobody's
+            return self.single_patient
         target = self.reader.resolver.resolve_field(subject, source=entry)
         if target is None:
             return self.single_patient
@@ -251,11 +256,21 @@ class _Scope:
             value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, list):
             value = value[0] if value else None
-        if value is None:
+        ref = reference_of(value)
+        if ref is None:
             return None
-        target = self.reader.resolver.resolve_field(value, source=entry)
+        # The stay is the stay whatever version a resource cites.
+        target = self.reader.resolver.resolve(ref.split("/_history/")[0], source=entry)
         # A link to an encounter not in the Bundle is still a link, to some other visit.
         return target if target is not None else entry
+
+    def links_to_another_stay(self, entry: Entry) -> bool:
+        """Linked to another inpatient or emergency encounter of the Bundle."""
+        link = self._encounter_link(entry)
+        if link is None or link is self.stay or link.resource_type != "Encounter":
+            return False
+        cls = link.resource.get("class")
+        return isinstance(cls, dict) and cls.get("code") in INPATIENT_CLASSES | EMERGENCY_CLASSES
 
     def _in_window(self, entry: Entry, fields: tuple[str, ...]) -> bool:
         if self.start is None:
@@ -263,7 +278,7 @@ class _Scope:
         for name in fields:
             when = parse_when(entry.resource.get(name))
             if when is not None:
-                return self.start.at <= when.at and (self.end is None or when.at <= self.end.at)
+                return self.start.at <= when.at and (self.end is None or when.at < self.end.until)
         return False
 
 
@@ -298,12 +313,15 @@ def _encounter_facts(
     tz: tzinfo,
     start: When | None,
     end: When | None,
-    diagnoses: tuple[DiagnosisFact, ...],
+    reason_refs: tuple[str, ...],
 ) -> EncounterFacts:
     hosp = enc.get("hospitalization") or {}
     los = None
     if start is not None and end is not None:
-        los = round((end.at - start.at).total_seconds() / 86400, 1)
+        if start.precision == end.precision == "second":
+            los = round((end.at - start.at).total_seconds() / 86400, 1)
+        else:  # dates only: count calendar days
+            los = float((end.at.date() - start.at.date()).days)
     cls = enc.get("class") or {}
     return EncounterFacts(
         ref=entry.local_ref,
@@ -314,13 +332,10 @@ def _encounter_facts(
         end=end,
         length_of_stay_days=los,
         reasons=tuple(c for c in (concept_of(r) for r in enc.get("reasonCode") or []) if c),
-        reason_refs=tuple(
-            r for r in (reference_of(x) for x in enc.get("reasonReference") or []) if r
-        ),
+        reason_refs=reason_refs,
         admit_source=concept_of(hosp.get("admitSource")),
         disposition=concept_of(hosp.get("dischargeDisposition")),
         service=concept_of(enc.get("serviceType")),
-        diagnoses=diagnoses,
         tz=tz,
     )
 
@@ -377,7 +392,7 @@ def _active_problem(cond: ConditionFact, end: When | None) -> bool:
         return False
     if cond.categories and "problem-list-item" not in cond.categories:
         return False
-    return end is None or cond.onset is None or cond.onset.at <= end.at
+    return end is None or cond.onset is None or cond.onset.at < end.until
 
 
 def _procedures(scope: _Scope, tz: tzinfo) -> Iterable[ProcedureFact]:
@@ -423,21 +438,39 @@ def _medications(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[Medicat
             if drug is None:
                 continue
             facts.append(
-                medication_fact(entry.local_ref, resource, drug, of_this_stay=of_stay, tz=tz)
+                medication_fact(
+                    entry.local_ref,
+                    resource,
+                    drug,
+                    of_this_stay=of_stay,
+                    of_another_stay=scope.links_to_another_stay(entry),
+                    tz=tz,
+                )
             )
     return sorted(facts, key=lambda f: (f.kind, _ts(f.when), f.ref))
 
 
 def could_be_home(entry: Entry) -> bool:
     """Only a live order can be a medication from before admission (see ``reconcile``)."""
-    return entry.resource.get("status") in LIVE
+    status = entry.resource.get("status")
+    return isinstance(status, str) and status in LIVE
+
+
+# SNOMED CT "no known ..." allergy situations: a statement, not an allergen.
+NO_KNOWN_ALLERGY = frozenset({"716186003", "409137002", "428607008", "429625007", "428197003"})
 
 
 def _allergies(scope: _Scope) -> Iterable[AllergyFact]:
+    """Active allergies; a record that cannot be read stays listed as such, never dropped."""
     found = []
     for entry in scope.of_patient("AllergyIntolerance"):
         allergy = scope.reader.read(entry)
         if allergy is None:
+            found.append(
+                AllergyFact(
+                    entry.local_ref, UNREADABLE_ALLERGY, None, None, None, (), kind="unreadable"
+                )
+            )
             continue
         verification = first_code(allergy.get("verificationStatus"))
         status = first_code(allergy.get("clinicalStatus"))
@@ -460,9 +493,10 @@ def _allergies(scope: _Scope) -> Iterable[AllergyFact]:
                 verification,
                 allergy.get("criticality"),
                 tuple(dict.fromkeys(reactions)),
+                kind="none-known" if substance.has_code(*NO_KNOWN_ALLERGY) else "allergy",
             )
         )
-    return sorted(found, key=lambda a: (a.substance.label.lower(), a.ref))
+    return sorted(found, key=lambda a: (a.kind != "allergy", a.substance.label.lower(), a.ref))
 
 
 def _reports(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[ReportFact]:
@@ -583,16 +617,26 @@ def _plans(scope: _Scope, tz: tzinfo) -> Iterable[PlanFact]:
 def _died(
     encounter: Json, patient: Json, start: When | None, end: When | None, tz: tzinfo
 ) -> When | None:
+    """When the patient died during the stay, or None; ``_UNKNOWN_TIME`` if the time is unknown."""
     disposition = concept_of((encounter.get("hospitalization") or {}).get("dischargeDisposition"))
+    expired = disposition is not None and (
+        disposition.has_code(*EXPIRED_DISPOSITIONS)
+        or (  # text only, when nothing is coded
+            not disposition.codings
+            and any(word in disposition.label.lower() for word in ("expired", "died", "deceased"))
+        )
+    )
     deceased = parse_when(patient.get("deceasedDateTime"), tz)
-    if (
-        deceased is not None
-        and start is not None
-        and deceased.at >= start.at
-        and (end is None or deceased.at.date() <= end.at.date())
-    ):
-        return deceased
-    if disposition is not None and disposition.has_code(*EXPIRED_DISPOSITIONS):
+    if deceased is not None and start is not None:
+        if deceased.precision == "second":
+            inside = start.at <= deceased.at and (end is None or deceased.at <= end.until)
+        else:  # a date: it died in hospital if that day overlaps the stay and nothing says home
+            inside = deceased.until > start.at and (end is None or deceased.at < end.until)
+            if inside and disposition is not None and not expired and end is not None:
+                inside = deceased.at.date() < end.at.date()
+        if inside:
+            return deceased
+    if expired:
         return end or start or deceased or _UNKNOWN_TIME
     return None
 

@@ -1,10 +1,14 @@
 """Medication facts and the discharge medication list, reconciled against before admission.
 
-new:        a discharge order for a drug not active before admission
-changed:    a discharge order for a drug active before admission, with another dosage
-continued:  active before admission and still active (re-ordered with the same dosage or untouched)
-stopped:    an order of the stay for a take-home drug whose status is stopped or cancelled
-inpatient-active: an inpatient order of the stay still active at discharge; flagged for review
+Take-home orders are the stay's orders of category discharge, outpatient or community; home
+medications are live orders from before admission that no other hospital stay placed.
+
+new:        a live take-home order for a drug not taken before admission
+changed:    a live take-home order for a drug taken before admission, with another dosage
+continued:  taken before admission and still ordered (re-ordered with the same dosage, or untouched)
+stopped:    a home medication whose take-home order of the stay is stopped or cancelled
+inpatient-active: a live order of the stay with no take-home category (inpatient, or none
+            stated): still active at discharge, so flagged for review, never called new
 """
 
 from __future__ import annotations
@@ -17,11 +21,18 @@ from epicrisis.stay.readers import codes_of, concept_of, quantity_text
 from epicrisis.stay.time import When, parse_when
 
 LIVE = frozenset({"active", "on-hold", "draft", "unknown"})
+TAKE_HOME = frozenset({"discharge", "outpatient", "community"})
 ENDED = frozenset({"stopped", "cancelled"})
 
 
 def medication_fact(
-    ref: str, resource: dict[str, Any], drug: Concept, *, of_this_stay: bool, tz: tzinfo
+    ref: str,
+    resource: dict[str, Any],
+    drug: Concept,
+    *,
+    of_this_stay: bool,
+    of_another_stay: bool,
+    tz: tzinfo,
 ) -> MedicationFact:
     if resource["resourceType"] == "MedicationRequest":
         codes = codes_of(resource.get("category") or [])
@@ -37,6 +48,7 @@ def medication_fact(
             parse_when(resource.get("authoredOn"), tz),
             _dosage(resource.get("dosageInstruction")),
             of_this_stay,
+            of_another_stay,
         )
     when = parse_when(resource.get("effectiveDateTime"), tz)
     if when is None and isinstance(resource.get("effectivePeriod"), dict):
@@ -69,26 +81,24 @@ def reconcile(
         f
         for f in requests
         if not f.of_this_stay
+        and not f.of_another_stay
         and f.category != "inpatient"
         and f.status in LIVE
         and (admitted is None or f.when is None or f.when.at <= admitted.at)
     ]
     home = {f.drug.key: f for f in sorted(before, key=_order)}
-    takeaway = [
-        f
-        for f in requests
-        if f.of_this_stay and f.category in (None, "discharge", "outpatient", "community")
-    ]
     changes: list[MedicationChange] = []
     ordered: set[str] = set()
-    for fact in sorted(takeaway, key=_order):
+    for fact in sorted(requests, key=_order):
+        if not fact.of_this_stay or fact.category not in TAKE_HOME:
+            continue
         key = fact.drug.key
         prior = home.get(key)
-        if fact.status in ENDED:
+        if fact.status in ENDED and prior is not None:
             changes.append(
-                MedicationChange(fact.drug, "stopped", fact.dosage, None, _refs(prior, fact))
+                MedicationChange(fact.drug, "stopped", None, prior.dosage, (prior.ref, fact.ref))
             )
-        elif fact.status in LIVE or fact.status == "completed":
+        elif fact.status in LIVE:
             status: MedicationStatus
             if prior is None:
                 status = "new"
@@ -96,15 +106,12 @@ def reconcile(
                 status = "continued"
             else:
                 status = "changed"
+            previous = prior.dosage if prior is not None and status == "changed" else None
             changes.append(
-                MedicationChange(
-                    fact.drug,
-                    status,
-                    fact.dosage,
-                    prior.dosage if prior is not None and status == "changed" else None,
-                    _refs(prior, fact),
-                )
+                MedicationChange(fact.drug, status, fact.dosage, previous, _refs(prior, fact))
             )
+        else:
+            continue  # completed, or an ended order of a drug not taken before: nothing to do
         ordered.add(key)
     for key, prior in home.items():
         if key not in ordered:
@@ -115,7 +122,7 @@ def reconcile(
         key = fact.drug.key
         if (
             fact.of_this_stay
-            and fact.category == "inpatient"
+            and fact.category in (None, "inpatient")
             and fact.status in LIVE
             and key not in ordered
             and key not in home

@@ -37,9 +37,10 @@ def readings_of(ref: str, obs: dict[str, Any], tz: tzinfo) -> list[tuple[Concept
 
 def series_of(items: Iterable[tuple[Concept, str, Reading]]) -> tuple[ObservationSeries, ...]:
     """Group readings by (category, code); series in a stable order: category, then label."""
-    groups: dict[tuple[str, str], tuple[Concept, list[Reading]]] = {}
+    groups: dict[tuple[str, str], tuple[Concept, list[Reading]]] = {}  # (category, code|unit)
     for concept, category, reading in items:
-        slot = groups.setdefault((category, concept.key), (concept, []))
+        # One series per unit: 39.4 Cel and 98.6 [degF] are not a trend.
+        slot = groups.setdefault((category, f"{concept.key}|{reading.unit or ''}"), (concept, []))
         slot[1].append(reading)
     series = []
     for (category, _), (concept, readings) in groups.items():
@@ -80,6 +81,8 @@ def _reading(ref: str, holder: dict[str, Any], when: Any, status: str) -> Readin
     elif "valueCodeableConcept" in holder:
         concept = concept_of(holder["valueCodeableConcept"])
         text = concept.label if concept else None
+    elif any(k in holder for k in ("valueRange", "valueRatio", "valuePeriod")):
+        text = _structured_value(holder)
     elif isinstance(holder.get("valueString"), str):
         text = holder["valueString"].strip()[:200]
     elif isinstance(holder.get("valueBoolean"), bool):
@@ -97,3 +100,19 @@ def _reading(ref: str, holder: dict[str, Any], when: Any, status: str) -> Readin
         range_text = ranges[0].get("text") if isinstance(ranges[0].get("text"), str) else None
     flags = codes_of(holder.get("interpretation") or [])
     return Reading(ref, when, value, text, unit, low, high, range_text, flags, status)
+
+
+def _structured_value(holder: dict[str, Any]) -> str | None:
+    """valueRange ``2-4 mmol/L``, valueRatio ``1:40``, valuePeriod ``from .. to ..``, as text."""
+    if isinstance(holder.get("valueRange"), dict):
+        low = quantity_text(holder["valueRange"].get("low"))
+        high = quantity_text(holder["valueRange"].get("high"))
+        return f"{low or '?'} to {high or '?'}" if low or high else None
+    if isinstance(holder.get("valueRatio"), dict):
+        num = quantity_text(holder["valueRatio"].get("numerator"))
+        den = quantity_text(holder["valueRatio"].get("denominator"))
+        return f"{num}:{den}" if num and den else None
+    if isinstance(holder.get("valuePeriod"), dict):
+        start, end = holder["valuePeriod"].get("start"), holder["valuePeriod"].get("end")
+        return f"from {start or '?'} to {end or '?'}" if start or end else None
+    return None

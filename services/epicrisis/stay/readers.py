@@ -13,16 +13,22 @@ def concept_of(value: Any) -> Concept | None:
         return None
     codings: list[Coding] = []
     raw_codings = value.get("coding")
-    if isinstance(raw_codings, list):
-        for item in raw_codings:
-            if isinstance(item, dict) and (item.get("code") or item.get("display")):
-                codings.append(Coding(item.get("system"), item.get("code"), item.get("display")))
-    elif value.get("code") or value.get("display"):  # a Coding where a concept was expected
-        codings.append(Coding(value.get("system"), value.get("code"), value.get("display")))
-    text = value.get("text") if isinstance(value.get("text"), str) else None
+    items = raw_codings if isinstance(raw_codings, list) else [value]  # a bare Coding too
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        code, display = _text(item.get("code")), _text(item.get("display"))
+        if code or display:
+            codings.append(Coding(_text(item.get("system")), code, display))
+    text = _text(value.get("text"))
     if not codings and not text:
         return None
     return Concept(text.strip() if text else None, tuple(codings))
+
+
+def _text(value: Any) -> str | None:
+    """A string element as read; anything else (raw JSON of an unvalidated entry) as absent."""
+    return value if isinstance(value, str) else None
 
 
 def codes_of(value: Any) -> tuple[str, ...]:

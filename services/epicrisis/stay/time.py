@@ -21,6 +21,21 @@ class When:
     at: datetime  # timezone-aware
     precision: Precision = "second"
 
+    @property
+    def until(self) -> datetime:
+        """The exclusive end of the span the value names: a day ends at the next midnight."""
+        if self.precision == "second":
+            return self.at
+        if self.precision == "day":
+            step = self.at + timedelta(days=1)
+        elif self.precision == "month":
+            step = self.at.replace(
+                year=self.at.year + self.at.month // 12, month=self.at.month % 12 + 1
+            )
+        else:
+            step = self.at.replace(year=self.at.year + 1)
+        return step
+
     def iso(self, tz: tzinfo | None = None) -> str:
         """ISO 8601 at the source precision; full times in ``tz`` when given."""
         if self.precision == "year":

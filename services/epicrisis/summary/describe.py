@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from epicrisis.stay.context import ObservationSeries, Reading, Stay
 from epicrisis.stay.readers import format_number
 
@@ -50,8 +52,14 @@ def series_text(series: ObservationSeries, stay: Stay) -> str:
 def patient_phrase(stay: Stay) -> str:
     age = stay.patient.age_at_discharge
     sex = SEX.get(stay.patient.sex or "unknown", "patient")
-    return (
-        f"{age}-year-old {sex}"
-        if age is not None
-        else f"The {sex}".replace("The patient", "Patient")
-    )
+    if age is not None:
+        return f"{age}-year-old {sex}"
+    return "Patient" if sex == "patient" else f"{sex.capitalize()} patient"
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Text without control characters: input must not drive a terminal or break XHTML."""
+    return _CONTROL.sub("", text)

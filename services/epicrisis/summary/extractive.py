@@ -98,7 +98,10 @@ def _hospital_course(stay: Stay) -> list[Sentence]:
                 text += f", fell to {value_text(trough)}"
                 refs.append(trough.ref)
             text += f" and {value_text(last)} at last measurement"
-            text += f" ({last.flag()})" if last.flag() else " (within range)"
+            if last.flag():
+                text += f" ({last.flag()})"
+            elif last.low is not None or last.high is not None:
+                text += " (within range)"  # said only where the source gives a range
             refs.append(last.ref)
         out.append(Sentence(text=text + ".", sources=list(dict.fromkeys(refs))))
     if len(abnormal) > MAX_LAB_SENTENCES:
@@ -106,7 +109,7 @@ def _hospital_course(stay: Stay) -> list[Sentence]:
         out.append(
             Sentence(
                 text=f"Other abnormal results: {_listing([s.concept.label for s in rest])} (see Results).",
-                sources=[s.last.ref for s in rest],
+                sources=[[r for r in s.readings if r.abnormal][-1].ref for s in rest],
             )
         )
     inpatient: dict[str, str] = {}
@@ -145,21 +148,19 @@ def _instructions(stay: Stay) -> list[Sentence]:
     if stay.died_in_hospital:
         return []
     out: list[Sentence] = []
-    groups = {
-        "new": "Start",
-        "changed": "Take the changed dose of",
-        "continued": "Continue",
-        "stopped": "Stop",
-    }
+    groups = {"new": "Start", "changed": "Change", "continued": "Continue", "stopped": "Stop"}
     for status, verb in groups.items():
         meds = [m for m in stay.discharge_medications if m.status == status]
         if meds:
             refs = [r for m in meds for r in m.refs]
+            names = [
+                f"{m.drug.label} to {m.dosage}"
+                if status == "changed" and m.dosage
+                else m.drug.label
+                for m in meds
+            ]
             out.append(
-                Sentence(
-                    text=f"{verb}: {_listing([m.drug.label for m in meds])}.",
-                    sources=list(dict.fromkeys(refs)),
-                )
+                Sentence(text=f"{verb}: {_listing(names)}.", sources=list(dict.fromkeys(refs)))
             )
     review = [m for m in stay.discharge_medications if m.status == "inpatient-active"]
     if review:
@@ -170,11 +171,20 @@ def _instructions(stay: Stay) -> list[Sentence]:
                 sources=[r for m in review for r in m.refs],
             )
         )
-    if stay.allergies:
+    allergens = [a for a in stay.allergies if a.kind == "allergy"]
+    if allergens:
         out.append(
             Sentence(
-                text=f"Avoid: {_listing([a.substance.label for a in stay.allergies])} (recorded allergies).",
-                sources=[a.ref for a in stay.allergies],
+                text=f"Avoid: {_listing([a.substance.label for a in allergens])} (recorded allergies).",
+                sources=[a.ref for a in allergens],
+            )
+        )
+    unreadable = [a for a in stay.allergies if a.kind == "unreadable"]
+    if unreadable:
+        out.append(
+            Sentence(
+                text=f"Check the allergy list: {len(unreadable)} allergy record(s) could not be read.",
+                sources=[a.ref for a in unreadable],
             )
         )
     if stay.encounter.disposition:

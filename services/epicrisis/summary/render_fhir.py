@@ -14,6 +14,7 @@ from typing import Any
 import orjson
 from fhir.resources.R4B.bundle import Bundle
 
+from epicrisis.summary.describe import printable
 from epicrisis.summary.model import DischargeSummary, Section, section_sources
 from epicrisis.summary.sections import DOCUMENT_DISPLAY, DOCUMENT_LOINC, SPEC_BY_KEY
 
@@ -69,15 +70,15 @@ def render_fhir(summary: DischargeSummary, *, version: str) -> str:
 
 def _section(section: Section) -> dict[str, Any]:
     spec = SPEC_BY_KEY[section.key]
-    parts = [f"<p>{html.escape(s.text)}</p>" for s in section.narrative]
+    parts = [f"<p>{_xhtml(s.text)}</p>" for s in section.narrative]
     if section.items:
         lis = "".join(
-            f"<li>{html.escape((f'[{i.status}] ' if i.status else '') + i.text)}</li>"
+            f"<li>{_xhtml((f'[{i.status}] ' if i.status else '') + i.text)}</li>"
             for i in section.items
         )
         parts.append(f"<ul>{lis}</ul>")
     if section.empty_reason:
-        parts.append(f"<p>{html.escape(section.empty_reason)}.</p>")
+        parts.append(f"<p>{_xhtml(section.empty_reason)}.</p>")
     refs: dict[str, None] = {}
     for sources in section_sources(section):
         refs.update(dict.fromkeys(sources))
@@ -101,3 +102,7 @@ def _instant(value: str) -> str:
         return value
     year, month, day = ([*value.split("-"), "01", "01"])[:3]
     return f"{year}-{month}-{day}T00:00:00Z"
+
+
+def _xhtml(text: str) -> str:
+    return html.escape(printable(text))

@@ -7,12 +7,17 @@ import textwrap
 
 from epicrisis.fhir.bundle import DataWarning
 from epicrisis.stay.readers import format_days
+from epicrisis.summary.describe import printable
 from epicrisis.summary.model import DischargeSummary
 
 WIDTH = 96
 
 
 def render_text(summary: DischargeSummary) -> str:
+    return printable(_render(summary))
+
+
+def _render(summary: DischargeSummary) -> str:
     enc = summary.encounter
     pat = summary.patient
     title = "DEATH SUMMARY" if summary.kind == "death-summary" else "DISCHARGE SUMMARY"

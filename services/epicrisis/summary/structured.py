@@ -41,13 +41,17 @@ def section(key: str, items: list[Item], *, empty: str | None = None) -> Section
 
 
 def reason_for_visit(stay: Stay) -> Section:
+    """Encounter.reasonCode, the Conditions of Encounter.reasonReference, diagnoses of use CC."""
     items = [
         Item(text=c.label, codes=codes(c), sources=[stay.encounter.ref])
         for c in stay.encounter.reasons
     ]
-    items += [
-        _condition_item(d.condition, "chief complaint") for d in stay.diagnoses if d.use == "CC"
-    ]
+    known = {c.ref: c for c in (*stay.stay_conditions, *stay.problems)}
+    known.update({d.condition.ref: d.condition for d in stay.diagnoses})
+    cited = [known[r] for r in stay.encounter.reason_refs if r in known]
+    cited += [d.condition for d in stay.diagnoses if d.use == "CC"]
+    for condition in {c.ref: c for c in cited}.values():
+        items.append(_condition_item(condition, "reason for visit"))
     return section("reason_for_visit", items, empty="No reason for visit recorded")
 
 
@@ -139,13 +143,11 @@ def allergies(stay: Stay) -> Section:
             allergy.reactions and "reaction: " + ", ".join(allergy.reactions),
         ]
         text = allergy.substance.label + "".join(f"; {d}" for d in detail if d)
+        status = {"none-known": "no known allergy", "unreadable": "unreadable record"}.get(
+            allergy.kind, allergy.verification or allergy.clinical_status
+        )
         items.append(
-            Item(
-                text=text,
-                codes=codes(allergy.substance),
-                status=allergy.verification or allergy.clinical_status,
-                sources=[allergy.ref],
-            )
+            Item(text=text, codes=codes(allergy.substance), status=status, sources=[allergy.ref])
         )
     return section(
         "allergies", items, empty="No allergies recorded (no AllergyIntolerance in the record)"
