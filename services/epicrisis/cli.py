@@ -68,14 +68,20 @@ def _read_input(args: argparse.Namespace) -> bytes:
 
 
 def _summarize(args: argparse.Namespace) -> int:
-    from epicrisis.pipeline import render, summarize
+    from epicrisis.pipeline import load_stay, render, summarize_stay
 
-    summary = summarize(
+    stay = load_stay(
         _read_input(args),
         encounter_id=args.encounter,
         strict=args.strict,
         allow_emergency=args.emergency,
     )
+    if args.backend == "llm":
+        from epicrisis.llm.backend import summarize_stay_llm  # imports the HTTP client stack
+
+        summary = summarize_stay_llm(stay)
+    else:
+        summary = summarize_stay(stay)
     sys.stdout.write(render(summary, args.format))
     return 0
 
@@ -144,6 +150,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from epicrisis.client.bulk import run_submit
+
+    return run_submit(args)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="epicrisis",
@@ -164,9 +176,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     summarize.add_argument(
         "--backend",
-        choices=("extractive",),
+        choices=("extractive", "llm"),
         default="extractive",
-        help="who writes the prose (extractive: templates from the facts)",
+        help="who writes the prose: templates from the facts, or the model at EPICRISIS_LLM_URLS",
     )
     summarize.set_defaults(run=_summarize)
 
@@ -198,6 +210,14 @@ def _parser() -> argparse.ArgumentParser:
         help="run the jobs in this process (no Redis); extractive backend",
     )
     serve.set_defaults(run=_serve)
+
+    from epicrisis.client.bulk import add_submit_arguments
+
+    submit = commands.add_parser(
+        "submit", help="send Bundles to a server with bounded concurrency; one result per Bundle"
+    )
+    add_submit_arguments(submit)
+    submit.set_defaults(run=_submit)
 
     tgi_sim = commands.add_parser(
         "tgi-sim",

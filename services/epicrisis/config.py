@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from epicrisis.errors import ConfigurationError
 
@@ -37,6 +38,44 @@ class Settings(BaseSettings):
     embedded_concurrency: int = Field(2, gt=0)  # jobs run at once by the embedded worker
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     max_input_tokens: int = Field(8192 - 1536, gt=256)
+
+    # -- the queued mode: Redis (Celery broker and job store), jobs encrypted at rest -----
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_key_prefix: str = "epicrisis"
+    job_ttl_seconds: float = Field(24 * 3600, gt=0)  # every job key, payload and result
+    job_timeout_seconds: float = Field(600, gt=0)  # one job's pipeline, LLM retries included
+    job_max_retries: int = Field(5, ge=0)  # task retries after a retryable backend error
+    job_retry_backoff_max_seconds: int = Field(120, gt=0)  # cap of the exponential backoff
+    encryption_key: SecretStr | None = None  # base64 of 32 random bytes, or id:key,id:key
+    encryption_key_file: Path | None = None  # a mounted secret holding the same text
+
+    # -- the LLM backend: TGI, or any OpenAI-compatible server (vLLM, SGLang) ------------
+    # EPICRISIS_LLM_URLS=http://tgi-0:8080,http://tgi-1:8080 (comma-separated, not JSON)
+    llm_urls: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    llm_api_key: SecretStr | None = None  # bearer token, for servers started with --api-key
+    llm_timeout_seconds: float = Field(180.0, gt=0)  # one generation, sent to answered
+    llm_connect_timeout_seconds: float = Field(5.0, gt=0)
+    llm_max_output_tokens: int = Field(1536, gt=0)  # prompt.budget.OUTPUT_RESERVE_TOKENS
+    llm_temperature: float = Field(0.2, gt=0, le=2)  # Med42's card samples at 0.4
+    llm_top_p: float = Field(0.75, gt=0, lt=1)  # TGI refuses 1.0 (422)
+    llm_seed: int | None = Field(None, ge=0)  # fixed sampling seed (a retry uses seed + 1)
+    llm_max_in_flight: int | None = Field(None, gt=0)  # per endpoint; default: /info's limit
+    llm_context_tokens: int = Field(8192, gt=256)  # for servers that do not report it
+    llm_max_attempts: int = Field(6, gt=0)  # requests per summary, retries included
+    llm_retry_seconds: float = Field(300.0, gt=0)  # bound on one summary, retries included
+
+    @field_validator("llm_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        """A comma-separated string (the environment's form) or a list, as http(s) base URLs."""
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list | tuple):
+            return value
+        urls = [str(item).strip().rstrip("/") for item in value if str(item).strip()]
+        if any(not url.startswith(("http://", "https://")) for url in urls):
+            raise ValueError("every LLM URL must start with http:// or https://")
+        return urls
 
 
 @functools.cache

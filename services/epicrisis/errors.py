@@ -6,7 +6,13 @@
     │   │                             size and nesting limits, duplicate fullUrls
     │   ├── EntryError                one entry is wrong where the summary cannot do without it
     │   └── StayError                 no patient or stay to summarize, or the named one is absent
-    └── ConfigurationError            the deployment is wrong (missing tokenizer, bad setting)
+    ├── ConfigurationError            the deployment is wrong (missing tokenizer, bad setting)
+    └── BackendError                  an LLM endpoint failed a request; ``retryable`` says if
+        │                             another attempt may succeed (context: endpoint, status)
+        ├── BackendUnavailableError   refused, timed out, 503, no healthy endpoint (retryable)
+        ├── BackendOverloadedError    429, past the server's concurrency limit (retryable)
+        ├── BackendRejectedError      422 and other 4xx: the request itself is wrong (permanent)
+        └── BackendGenerationError    424, 500 incomplete generation (retryable once)
 
 Messages never carry clinical content: they name *where* (entry index, resource type, id,
 JSON path) and *what rule*, never the offending value. Context is keyword-only, so every
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 _SAFE_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 _SAFE_TYPE = re.compile(r"[A-Z][A-Za-z]{1,63}")
@@ -92,3 +99,94 @@ class StayError(InputError):
 
 class ConfigurationError(EpicrisisError):
     """The deployment is misconfigured (a missing tokenizer file, an impossible budget)."""
+
+
+_SAFE_ERROR_TYPE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,63}")
+
+
+class BackendError(EpicrisisError):
+    """An LLM endpoint failed a request; ``retryable`` says whether another attempt may help.
+
+    Context is keyword-only: ``endpoint`` (the index in ``EPICRISIS_LLM_URLS``, never the URL,
+    which may carry credentials), ``status`` (HTTP), ``error_type`` (TGI's ``error_type`` or
+    an OpenAI error type) and ``parameters`` (request fields the server complained about,
+    from a fixed list). The server's own message is never copied: validation errors echo
+    request content, and the request content is the patient's record.
+    """
+
+    default_retryable: bool = False
+    max_retries: int | None = None
+    """Retries this kind of failure deserves (None: as many as the caller's bounds allow)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        endpoint: int | None = None,
+        status: int | None = None,
+        error_type: str | None = None,
+        parameters: tuple[str, ...] = (),
+        retryable: bool | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.status = status
+        self.error_type = (
+            error_type if error_type and _SAFE_ERROR_TYPE.fullmatch(error_type) else None
+        )
+        self.parameters = parameters
+        self.retryable = self.default_retryable if retryable is None else retryable
+        self.retry_after = retry_after  # seconds until an endpoint may take requests again
+        self.reason = message  # the bare text, without the context below
+        super().__init__(f"{message} ({self._context()})")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by keyword, so the context survives a trip between processes (Celery)."""
+        fields = {
+            "endpoint": self.endpoint,
+            "status": self.status,
+            "error_type": self.error_type,
+            "parameters": self.parameters,
+            "retryable": self.retryable,
+            "retry_after": self.retry_after,
+        }
+        return (_rebuild_backend_error, (type(self), self.reason, fields))
+
+    def _context(self) -> str:
+        parts = ["LLM endpoint" if self.endpoint is None else f"LLM endpoint {self.endpoint}"]
+        if self.status is not None:
+            parts.append(f"HTTP {self.status}")
+        if self.error_type:
+            parts.append(f"error_type {self.error_type}")
+        if self.parameters:
+            parts.append("about " + ", ".join(f"`{p}`" for p in self.parameters))
+        return "; ".join(parts)
+
+
+def _rebuild_backend_error(
+    kind: type[BackendError], reason: str, fields: dict[str, Any]
+) -> BackendError:
+    return kind(reason, **fields)
+
+
+class BackendUnavailableError(BackendError):
+    """No answer: connection refused (a loading TGI), a timeout, 503, or every endpoint ejected."""
+
+    default_retryable = True
+
+
+class BackendOverloadedError(BackendError):
+    """429: the server is past its concurrency limit; another endpoint, or later, may take it."""
+
+    default_retryable = True
+
+
+class BackendRejectedError(BackendError):
+    """The server refused the request itself (422 validation, other 4xx): retrying cannot help."""
+
+
+class BackendGenerationError(BackendError):
+    """Generation failed on the server (424, 500 incomplete generation): worth one more try."""
+
+    default_retryable = True
+    max_retries = 1
