@@ -89,7 +89,7 @@ class EmbeddedWorker:
         except asyncio.CancelledError:
             return  # CancelJob already recorded the final state
         except EpicrisisError as exc:
-            await self._fail(job_id, _failure(exc))
+            await self._fail(job_id, job_failure(exc))
             return
         except Exception as exc:  # a bug: record it without input content, keep serving
             log.error("job %s failed with an internal error (%s)", job_id, type(exc).__name__)
@@ -117,7 +117,8 @@ class EmbeddedWorker:
         )
 
 
-def _failure(exc: EpicrisisError) -> JobFailure:
+def job_failure(exc: EpicrisisError) -> JobFailure:
+    """How a failed job explains itself to the caller (the message is PHI-free)."""
     if isinstance(exc, InputError):
         return JobFailure("invalid-input", str(exc), False)
     retryable = bool(getattr(exc, "retryable", False))

@@ -1,0 +1,286 @@
+"""The queued mode's job store: :class:`MemoryJobStore`'s interface on Redis, shared by processes.
+
+Key layout (``prefix`` defaults to ``epicrisis``; ids are random hex, hashes are HMAC-SHA256
+with a key derived from the encryption key, so no name holds anything from a request)::
+
+    {prefix}:job:{id}            sealed job record (state, progress, summary, FHIR document)
+    {prefix}:payload:{id}        sealed Bundle and options, for the worker; gone once final
+    {prefix}:runs:{id}           deliveries of the job to a worker (a counter)
+    {prefix}:idem:{hmac(key)}    "{id}:{hmac(request digest)}" for idempotent Submit
+    {prefix}:events:{id}         pub/sub channel (not a key): "a record changed, re-read it"
+
+Every key is written with the store's TTL (default 24 h), and updates keep the remaining TTL,
+so nothing about a job outlives its record. Values are sealed (:mod:`crypto`) with the job id
+and the slot as context: a value moved to another job or slot does not open.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass
+from typing import Any, Self
+
+import orjson
+import redis.asyncio as aioredis
+from redis.exceptions import WatchError
+
+from epicrisis.serving.crypto import Sealer
+from epicrisis.serving.jobs import (
+    IdempotencyConflict,
+    JobFailure,
+    JobNotFound,
+    JobRecord,
+    JobState,
+)
+from epicrisis.summary.model import DischargeSummary
+
+DEFAULT_TTL_SECONDS = 24 * 3600
+DEFAULT_POLL_SECONDS = 5.0  # the watchers' safety net when a notification is lost
+_FORMAT = 1
+_NOT_FOUND = "no such job (it may have expired)"
+
+# Deletes the idempotency key only while it still names this job (a later job may own it).
+_DROP_IDEMPOTENCY = """
+local value = redis.call('GET', KEYS[1])
+if value and string.sub(value, 1, string.len(ARGV[1])) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """What the worker needs besides the Bundle to run the same pipeline the server validated."""
+
+    encounter_id: str | None = None
+    strict: bool = False
+    allow_emergency: bool = False
+    backend: str | None = None  # "extractive" | "llm"; None: the worker's default
+    max_output_tokens: int | None = None
+
+
+class RedisJobStore:
+    """Jobs in Redis: sealed records with a TTL, atomic updates, watchers across processes."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        sealer: Sealer,
+        *,
+        ttl_seconds: float = DEFAULT_TTL_SECONDS,
+        prefix: str = "epicrisis",
+        poll_seconds: float = DEFAULT_POLL_SECONDS,
+    ) -> None:
+        if ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be positive")
+        self._redis = client
+        self._sealer = sealer
+        self._ttl_ms = max(1, round(ttl_seconds * 1000))
+        self._prefix = prefix
+        self._poll = poll_seconds
+        self._drop_idempotency = client.register_script(_DROP_IDEMPOTENCY)
+
+    @classmethod
+    def from_url(cls, url: str, sealer: Sealer, **options: Any) -> Self:
+        """A store with its own connection pool (``redis://``, ``rediss://`` for TLS)."""
+        return cls(aioredis.Redis.from_url(url), sealer, **options)
+
+    async def aclose(self) -> None:
+        await self._redis.aclose()
+
+    # -- the MemoryJobStore interface ------------------------------------------------------
+
+    async def create(
+        self, *, idempotency_key: str | None, request_digest: str
+    ) -> tuple[JobRecord, bool]:
+        """A new QUEUED job, or the live job of a known idempotency key (``created`` False)."""
+        record = JobRecord(id=uuid.uuid4().hex, state=JobState.QUEUED, created_at=time.time())
+        if idempotency_key is None:
+            await self._redis.set(
+                self._key("job", record.id), self._seal(record, None), px=self._ttl_ms
+            )
+            return record, True
+        slot = self._sealer.index(idempotency_key)
+        idem_key = self._key("idem", slot)
+        digest = self._sealer.index(request_digest)
+        blob = self._seal(record, slot)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(idem_key)
+                    known = await pipe.get(idem_key)
+                    if known is not None:
+                        job_id, _, known_digest = _raw(known).decode().partition(":")
+                        existing = await pipe.get(self._key("job", job_id))
+                        if existing is not None:  # else: discarded or expired, start afresh
+                            if known_digest != digest:
+                                raise IdempotencyConflict(
+                                    "idempotency key was already used for a different request"
+                                )
+                            return self._open(job_id, _raw(existing)), False
+                    pipe.multi()
+                    pipe.set(self._key("job", record.id), blob, px=self._ttl_ms)
+                    pipe.set(idem_key, f"{record.id}:{digest}", px=self._ttl_ms)
+                    await pipe.execute()
+                    return record, True
+                except WatchError:
+                    continue  # another Submit with this key won the race; look again
+
+    async def get(self, job_id: str) -> JobRecord:
+        blob = await self._redis.get(self._key("job", job_id))
+        if blob is None:
+            raise JobNotFound(_NOT_FOUND)
+        return self._open(job_id, _raw(blob))
+
+    async def update(self, job_id: str, change: Callable[[JobRecord], JobRecord]) -> JobRecord:
+        """Apply ``change`` atomically unless the job is final; a final job drops its payload."""
+        key = self._key("job", job_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    blob = await pipe.get(key)
+                    if blob is None:
+                        raise JobNotFound(_NOT_FOUND)
+                    current, slot = self._open_envelope(job_id, _raw(blob))
+                    if current.final:
+                        return current
+                    changed = change(current)
+                    pipe.multi()
+                    pipe.set(key, self._seal(changed, slot), keepttl=True)
+                    if changed.final:
+                        pipe.delete(self._key("payload", job_id))
+                    pipe.publish(self._key("events", job_id), b"1")
+                    await pipe.execute()
+                    return changed
+                except WatchError:
+                    continue  # changed under us: apply the change to the new record
+
+    async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
+        """The job now, then after each change, ending with its final state.
+
+        Subscribes before the first read, so no change between the two is missed; a re-read
+        every ``poll_seconds`` covers notifications lost to a reconnect.
+        """
+        pubsub = self._redis.pubsub()
+        try:
+            await pubsub.subscribe(self._key("events", job_id))
+            seen = await self.get(job_id)
+            yield seen
+            while not seen.final:
+                await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._poll)
+                current = await self.get(job_id)
+                if current != seen:
+                    seen = current
+                    yield seen
+        finally:
+            await pubsub.aclose()
+
+    async def discard(self, job_id: str) -> None:
+        """Forget a job that never started (its queue was full), and its idempotency key."""
+        blob = await self._redis.get(self._key("job", job_id))
+        if blob is not None:
+            _, slot = self._open_envelope(job_id, _raw(blob))
+            if slot is not None:
+                await self._drop_idempotency(keys=[self._key("idem", slot)], args=[f"{job_id}:"])
+        await self._redis.delete(
+            self._key("job", job_id), self._key("payload", job_id), self._key("runs", job_id)
+        )
+
+    # -- the worker's side -----------------------------------------------------------------
+
+    async def put_payload(self, job_id: str, bundle: bytes, options: JobOptions) -> None:
+        """Store the Bundle for the worker, to expire with the job's record."""
+        remaining = await self._redis.pttl(self._key("job", job_id))
+        if remaining <= 0:  # -2: no record; -1 cannot happen, every record has a TTL
+            raise JobNotFound(_NOT_FOUND)
+        head = orjson.dumps(asdict(options))
+        plain = len(head).to_bytes(4, "big") + head + bundle
+        sealed = self._sealer.seal(plain, context=self._context("payload", job_id))
+        await self._redis.set(self._key("payload", job_id), sealed, px=remaining)
+
+    async def take_payload(self, job_id: str) -> tuple[bytes, JobOptions]:
+        """The Bundle and options of a job. Read, not removed: a redelivered task needs it again;
+        the payload is deleted when the job becomes final."""
+        sealed = await self._redis.get(self._key("payload", job_id))
+        if sealed is None:
+            raise JobNotFound("the job's payload is gone (it may have expired)")
+        plain = self._sealer.open(_raw(sealed), context=self._context("payload", job_id))
+        size = int.from_bytes(plain[:4], "big")
+        options = JobOptions(**orjson.loads(plain[4 : 4 + size]))
+        return plain[4 + size :], options
+
+    async def count_run(self, job_id: str) -> int:
+        """Count one more delivery of the job to a worker, so a job that kills workers ends."""
+        key = self._key("runs", job_id)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(key, 0, px=self._ttl_ms, nx=True)  # the first delivery starts the clock
+            pipe.incr(key)
+            _, runs = await pipe.execute()
+        return int(runs)
+
+    async def queue_depth(self, queue_name: str) -> int:
+        """Messages waiting in a Celery queue (the Redis transport keeps each in a list)."""
+        return int(await self._redis.llen(queue_name))
+
+    # -- encoding --------------------------------------------------------------------------
+
+    def _key(self, kind: str, name: str) -> str:
+        return f"{self._prefix}:{kind}:{name}"
+
+    @staticmethod
+    def _context(kind: str, job_id: str) -> bytes:
+        return f"epicrisis/{kind}/{job_id}".encode()
+
+    def _seal(self, record: JobRecord, idempotency_slot: str | None) -> bytes:
+        envelope = {"format": _FORMAT, "record": _record_to_json(record), "idem": idempotency_slot}
+        return self._sealer.seal(orjson.dumps(envelope), context=self._context("job", record.id))
+
+    def _open_envelope(self, job_id: str, blob: bytes) -> tuple[JobRecord, str | None]:
+        envelope = orjson.loads(self._sealer.open(blob, context=self._context("job", job_id)))
+        return _record_from_json(envelope["record"]), envelope["idem"]
+
+    def _open(self, job_id: str, blob: bytes) -> JobRecord:
+        return self._open_envelope(job_id, blob)[0]
+
+
+def _raw(value: bytes | str) -> bytes:
+    """Values as Redis stored them: the store's client must not decode responses."""
+    if isinstance(value, str):
+        raise TypeError("RedisJobStore needs a client with decode_responses=False")
+    return value
+
+
+def _record_to_json(record: JobRecord) -> dict[str, Any]:
+    return {
+        "id": record.id,
+        "state": record.state.value,
+        "created_at": record.created_at,
+        "started_at": record.started_at,
+        "finished_at": record.finished_at,
+        "stage": record.stage,
+        "fraction": record.fraction,
+        "summary": None if record.summary is None else record.summary.model_dump(mode="json"),
+        "fhir_document": record.fhir_document,
+        "error": None if record.error is None else asdict(record.error),
+    }
+
+
+def _record_from_json(data: dict[str, Any]) -> JobRecord:
+    summary = data["summary"]
+    error = data["error"]
+    return JobRecord(
+        id=data["id"],
+        state=JobState(data["state"]),
+        created_at=data["created_at"],
+        started_at=data["started_at"],
+        finished_at=data["finished_at"],
+        stage=data["stage"],
+        fraction=data["fraction"],
+        summary=None if summary is None else DischargeSummary.model_validate(summary),
+        fhir_document=data["fhir_document"],
+        error=None if error is None else JobFailure(**error),
+    )

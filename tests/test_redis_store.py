@@ -1,0 +1,384 @@
+"""Encryption at rest and the Redis job store, against a real redis-server on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+import redis
+from pydantic import SecretStr
+
+from epicrisis.errors import ConfigurationError
+from epicrisis.pipeline import summarize
+from epicrisis.serving.crypto import Sealer, SealError, new_key_text
+from epicrisis.serving.jobs import (
+    IdempotencyConflict,
+    JobFailure,
+    JobNotFound,
+    JobRecord,
+    JobState,
+    fingerprint,
+)
+from epicrisis.serving.redis_store import JobOptions, RedisJobStore
+from redis_server import RedisServer, redis_server
+
+SAMPLE = resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()
+SENTINEL = "ZEBRA-SENTINEL"
+T = TypeVar("T")
+
+
+def run(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    return asyncio.run(scenario())
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[RedisServer]:
+    with redis_server() as running:
+        yield running
+
+
+@pytest.fixture
+def redis_url(server: RedisServer) -> str:
+    """The server, emptied: each test sees only its own keys."""
+    with server.client() as client:
+        client.flushall()
+    return server.url
+
+
+@pytest.fixture(scope="module")
+def sealer() -> Sealer:
+    return Sealer.from_text(new_key_text())
+
+
+def store_for(url: str, sealer: Sealer, **options: float) -> RedisJobStore:
+    return RedisJobStore.from_url(url, sealer, **options)
+
+
+def running(record: JobRecord) -> JobRecord:
+    return replace(record, state=JobState.RUNNING, started_at=time.time(), stage="summarizing")
+
+
+def failed(record: JobRecord) -> JobRecord:
+    return replace(
+        record, state=JobState.FAILED, finished_at=time.time(), error=JobFailure("x", "y", False)
+    )
+
+
+# -- crypto ---------------------------------------------------------------------------------
+
+
+def test_seal_then_open_round_trips_and_every_seal_differs(sealer: Sealer) -> None:
+    first = sealer.seal(b"plain", context=b"job-1")
+    second = sealer.seal(b"plain", context=b"job-1")
+    assert first != second  # a fresh nonce each time
+    assert b"plain" not in first
+    assert sealer.open(first, context=b"job-1") == b"plain"
+    assert sealer.open(second, context=b"job-1") == b"plain"
+
+
+def test_a_tampered_truncated_or_moved_value_does_not_open(sealer: Sealer) -> None:
+    sealed = sealer.seal(b"the patient's record", context=b"job-1")
+    for position in (1, 2, len(sealed) - 30, len(sealed) - 1):  # key id, id, nonce/body, tag
+        tampered = bytearray(sealed)
+        tampered[position] ^= 0x01
+        with pytest.raises(SealError) as raised:
+            sealer.open(bytes(tampered), context=b"job-1")
+        assert "patient" not in str(raised.value)
+    with pytest.raises(SealError):
+        sealer.open(sealed, context=b"job-2")
+    with pytest.raises(SealError):
+        sealer.open(sealed[:20], context=b"job-1")
+    with pytest.raises(SealError):
+        sealer.open(b"\x09" + sealed[1:], context=b"job-1")  # unknown format version
+
+
+def test_rotation_seals_with_the_first_key_and_opens_with_any() -> None:
+    old_key, new_key = new_key_text(), new_key_text()
+    before = Sealer.from_text(f"k1:{old_key}")
+    after = Sealer.from_text(f"k2:{new_key}, k1:{old_key}")
+    assert after.current == "k2"
+    old_value = before.seal(b"sealed before the rotation", context=b"c")
+    assert after.open(old_value, context=b"c") == b"sealed before the rotation"
+    new_value = after.seal(b"sealed after", context=b"c")
+    with pytest.raises(SealError, match="encryption key"):
+        before.open(new_value, context=b"c")
+    # A bare key gets an id derived from it, the same in every process.
+    assert Sealer.from_text(old_key).current == Sealer.from_text(old_key).current
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "not base64!",
+        base64.b64encode(b"short").decode(),
+        "k1:"
+        + base64.b64encode(bytes(32)).decode()
+        + ",k1:"
+        + base64.b64encode(bytes(32)).decode(),
+        "bad id:" + base64.b64encode(bytes(32)).decode(),
+    ],
+)
+def test_a_malformed_key_is_a_configuration_error_that_does_not_print_it(text: str) -> None:
+    with pytest.raises(ConfigurationError) as raised:
+        Sealer.from_text(text)
+    if len(text) > 8:
+        assert text.split(":")[-1] not in str(raised.value)
+
+
+@dataclass
+class KeySettings:
+    encryption_key: SecretStr | None = None
+    encryption_key_file: Path | None = None
+
+
+def test_the_key_comes_from_the_setting_or_a_mounted_file(tmp_path: Path) -> None:
+    key = new_key_text()
+    secret = tmp_path / "encryption-key"
+    secret.write_text(key + "\n")
+    from_setting = Sealer.from_settings(KeySettings(encryption_key=SecretStr(key)))
+    from_file = Sealer.from_settings(KeySettings(encryption_key_file=secret))
+    assert from_file.open(from_setting.seal(b"x", context=b"c"), context=b"c") == b"x"
+    from_env = Sealer.from_environ({"EPICRISIS_ENCRYPTION_KEY_FILE": str(secret)})
+    assert from_env.current == from_setting.current
+    with pytest.raises(ConfigurationError, match="EPICRISIS_ENCRYPTION_KEY"):
+        Sealer.from_settings(KeySettings())
+    with pytest.raises(ConfigurationError, match="EPICRISIS_ENCRYPTION_KEY"):
+        Sealer.from_environ({})
+    with pytest.raises(ConfigurationError, match="cannot read"):
+        Sealer.from_settings(KeySettings(encryption_key_file=tmp_path / "absent"))
+
+
+# -- the store ------------------------------------------------------------------------------
+
+
+def test_create_get_update_and_a_final_record_never_changes(redis_url: str, sealer: Sealer) -> None:
+    async def scenario() -> None:
+        store = store_for(redis_url, sealer)
+        try:
+            record, created = await store.create(idempotency_key=None, request_digest="d")
+            assert created and record.state is JobState.QUEUED and len(record.id) == 32
+            assert await store.get(record.id) == record
+            started = await store.update(record.id, running)
+            assert started.state is JobState.RUNNING
+            summary = summarize(SAMPLE)
+            done = await store.update(
+                record.id,
+                lambda r: replace(
+                    r, state=JobState.SUCCEEDED, summary=summary, fhir_document="{}", fraction=1.0
+                ),
+            )
+            assert await store.get(record.id) == done and done.summary == summary
+            assert await store.update(record.id, failed) == done  # final stays final
+            with pytest.raises(JobNotFound):
+                await store.get("0" * 32)
+            with pytest.raises(JobNotFound):
+                await store.update("0" * 32, running)
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_idempotency_returns_the_same_job_refuses_another_request_and_restarts_after_discard(
+    redis_url: str, sealer: Sealer
+) -> None:
+    async def scenario() -> None:
+        store = store_for(redis_url, sealer)
+        other_process = store_for(redis_url, sealer)
+        try:
+            first, created = await store.create(idempotency_key="order-1", request_digest="a")
+            again, created_again = await other_process.create(
+                idempotency_key="order-1", request_digest="a"
+            )
+            assert created and not created_again and again == first
+            with pytest.raises(IdempotencyConflict):
+                await store.create(idempotency_key="order-1", request_digest="b")
+            racing = await asyncio.gather(
+                *(
+                    s.create(idempotency_key="order-2", request_digest="a")
+                    for s in (store, other_process) * 4
+                )
+            )
+            assert len({record.id for record, _ in racing}) == 1
+            assert [created for _, created in racing].count(True) == 1
+
+            await store.discard(first.id)
+            with pytest.raises(JobNotFound):
+                await store.get(first.id)
+            fresh, created_fresh = await store.create(idempotency_key="order-1", request_digest="b")
+            assert created_fresh and fresh.id != first.id
+        finally:
+            await store.aclose()
+            await other_process.aclose()
+
+    run(scenario)
+
+
+def test_a_watcher_sees_changes_made_through_another_connection(
+    redis_url: str, sealer: Sealer
+) -> None:
+    async def scenario() -> list[JobRecord]:
+        # A long poll: the changes must arrive through pub/sub, not the safety-net re-read.
+        watcher_store = store_for(redis_url, sealer, poll_seconds=120)
+        worker_store = store_for(redis_url, sealer)
+        try:
+            record, _ = await watcher_store.create(idempotency_key=None, request_digest="d")
+            seen: list[JobRecord] = []
+            first_seen = asyncio.Event()
+
+            async def watch() -> None:
+                async for update in watcher_store.watch(record.id):
+                    seen.append(update)
+                    first_seen.set()
+
+            watcher = asyncio.create_task(watch())
+            await first_seen.wait()
+            await worker_store.update(record.id, running)
+            await worker_store.update(record.id, failed)
+            await asyncio.wait_for(watcher, 60)
+            return seen
+        finally:
+            await watcher_store.aclose()
+            await worker_store.aclose()
+
+    seen = run(scenario)
+    assert seen[0].state is JobState.QUEUED
+    assert seen[-1].state is JobState.FAILED
+    assert [r.state for r in seen] in (
+        [JobState.QUEUED, JobState.RUNNING, JobState.FAILED],
+        [JobState.QUEUED, JobState.FAILED],  # both changes landed before the re-read
+    )
+
+
+def test_payload_round_trips_and_is_dropped_when_the_job_is_final(
+    redis_url: str, sealer: Sealer
+) -> None:
+    async def scenario() -> None:
+        store = store_for(redis_url, sealer)
+        try:
+            record, _ = await store.create(idempotency_key=None, request_digest="d")
+            options = JobOptions(encounter_id="enc-1", strict=True, max_output_tokens=512)
+            await store.put_payload(record.id, SAMPLE, options)
+            assert await store.take_payload(record.id) == (SAMPLE, options)
+            assert await store.take_payload(record.id) == (SAMPLE, options)  # redelivery
+            assert await store.count_run(record.id) == 1
+            assert await store.count_run(record.id) == 2
+            await store.update(record.id, failed)
+            with pytest.raises(JobNotFound):
+                await store.take_payload(record.id)
+            with pytest.raises(JobNotFound):
+                await store.put_payload("0" * 32, SAMPLE, options)
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_every_key_expires_with_the_ttl(redis_url: str, sealer: Sealer) -> None:
+    async def scenario() -> str:
+        store = store_for(redis_url, sealer, ttl_seconds=1)
+        try:
+            record, _ = await store.create(idempotency_key="order-9", request_digest="d")
+            await store.put_payload(record.id, SAMPLE, JobOptions())
+            await store.count_run(record.id)
+            await store.update(record.id, running)
+            return record.id
+        finally:
+            await store.aclose()
+
+    job_id = run(scenario)
+    with redis.Redis.from_url(redis_url) as client:
+        keys = list(client.scan_iter())
+        assert len(keys) == 4  # job, payload, runs, idempotency
+        for key in keys:
+            assert 0 < client.pttl(key) <= 1000, key
+        deadline = time.monotonic() + 10
+        while client.dbsize() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.dbsize() == 0
+
+    async def gone() -> None:
+        store = store_for(redis_url, sealer)
+        try:
+            with pytest.raises(JobNotFound):
+                await store.get(job_id)
+        finally:
+            await store.aclose()
+
+    run(gone)
+
+
+def everything_in(url: str) -> list[bytes]:
+    """Every key name and value in the server, in every form Redis gives it out."""
+    seen: list[bytes] = []
+    with redis.Redis.from_url(url) as client:
+        for key in client.scan_iter():
+            seen.append(key)
+            kind = client.type(key)
+            if kind == b"string":
+                seen.append(client.get(key) or b"")
+            elif kind == b"hash":
+                for field, value in client.hgetall(key).items():
+                    seen += [field, value]
+            elif kind == b"list":
+                seen += client.lrange(key, 0, -1)
+            elif kind == b"set":
+                seen += list(client.smembers(key))
+            elif kind == b"zset":
+                seen += client.zrange(key, 0, -1)
+            seen.append(client.dump(key) or b"")
+    return seen
+
+
+def sentinel_bundle() -> bytes:
+    """The sample with a sentinel in a diagnosis, which the summary then repeats."""
+    doc = json.loads(SAMPLE)
+    for entry in doc["entry"]:
+        resource = entry["resource"]
+        if resource["resourceType"] == "Condition":
+            resource["code"]["text"] = f"{SENTINEL} pneumonia"
+            for coding in resource["code"].get("coding", []):
+                coding["display"] = f"{SENTINEL} pneumonia"
+    return json.dumps(doc).encode()
+
+
+def test_nothing_from_the_bundle_or_the_summary_is_readable_in_redis(
+    redis_url: str, sealer: Sealer
+) -> None:
+    bundle = sentinel_bundle()
+    summary = summarize(bundle)
+    assert SENTINEL in summary.model_dump_json()  # else this test proves nothing
+
+    async def scenario() -> JobRecord:
+        store = store_for(redis_url, sealer)
+        try:
+            record, _ = await store.create(
+                idempotency_key=f"{SENTINEL}-mrn", request_digest=fingerprint(bundle)
+            )
+            await store.put_payload(record.id, bundle, JobOptions(encounter_id=SENTINEL))
+            await store.update(record.id, running)
+            snapshot = everything_in(redis_url)  # with the payload still there
+            done = await store.update(
+                record.id,
+                lambda r: replace(
+                    r, state=JobState.SUCCEEDED, summary=summary, fhir_document=SENTINEL
+                ),
+            )
+            snapshot += everything_in(redis_url)
+            assert all(SENTINEL.encode() not in value for value in snapshot)
+            assert all(fingerprint(bundle).encode() not in value for value in snapshot)
+            return done
+        finally:
+            await store.aclose()
+
+    done = run(scenario)
+    assert done.summary is not None and SENTINEL in done.summary.model_dump_json()
