@@ -42,6 +42,7 @@ from epicrisis.errors import EpicrisisError
 from epicrisis.fhir.bundle import DataWarning
 from epicrisis.pipeline import summarize, summarize_stay
 from epicrisis.serving.convert import summary_message
+from epicrisis.serving.jobs import JobOptions
 from epicrisis.serving.server import embedded_service
 from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary, Omission, Provenance
@@ -70,7 +71,7 @@ class Gate:
         self.started = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def __call__(self, stay: Stay) -> DischargeSummary:
+    async def __call__(self, stay: Stay, options: JobOptions) -> DischargeSummary:
         self.started.set()
         await self.release.wait()
         return summarize_stay(stay)
@@ -110,7 +111,7 @@ class BackgroundServer:
             self._ready.set()
             await self._stop.wait()
 
-    async def _summarize(self, stay: Stay) -> DischargeSummary:
+    async def _summarize(self, stay: Stay, options: JobOptions) -> DischargeSummary:
         self.generations += 1
         if self._gate is not None:
             self.holding.set()

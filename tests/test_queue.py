@@ -27,7 +27,7 @@ from epicrisis.errors import (
 )
 from epicrisis.pipeline import summarize
 from epicrisis.serving.crypto import Sealer, new_key_text
-from epicrisis.serving.jobs import JobRecord, JobState
+from epicrisis.serving.jobs import JobOptions, JobRecord, JobState
 from epicrisis.serving.queue import (
     BATCH,
     INTERACTIVE,
@@ -38,7 +38,7 @@ from epicrisis.serving.queue import (
     create_app,
     submit,
 )
-from epicrisis.serving.redis_store import JobOptions, RedisJobStore
+from epicrisis.serving.redis_store import RedisJobStore
 from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
 from redis_server import redis_server

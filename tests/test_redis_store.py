@@ -23,11 +23,12 @@ from epicrisis.serving.jobs import (
     IdempotencyConflict,
     JobFailure,
     JobNotFound,
+    JobOptions,
     JobRecord,
     JobState,
     fingerprint,
 )
-from epicrisis.serving.redis_store import JobOptions, RedisJobStore
+from epicrisis.serving.redis_store import RedisJobStore
 from redis_server import RedisServer, redis_server
 
 SAMPLE = resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()

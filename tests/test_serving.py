@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
 from epicrisis.config import Settings
+from epicrisis.serving.jobs import JobOptions
 from epicrisis.serving.server import embedded_service
 from epicrisis.serving.servicer import SERVICE_NAME
 from epicrisis.stay import Stay
@@ -34,7 +35,8 @@ T = TypeVar("T")
 
 @asynccontextmanager
 async def api(
-    summarizer: Callable[[Stay], Awaitable[DischargeSummary]] | None = None, **kwargs: Any
+    summarizer: Callable[[Stay, JobOptions], Awaitable[DischargeSummary]] | None = None,
+    **kwargs: Any,
 ) -> AsyncIterator[tuple[pb_grpc.DischargeSummarizerStub, grpc.aio.Channel]]:
     options: dict[str, Any] = dict(kwargs)
     if summarizer is not None:
@@ -58,7 +60,7 @@ class Gate:
         self.started = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def __call__(self, stay: Stay) -> DischargeSummary:
+    async def __call__(self, stay: Stay, options: JobOptions) -> DischargeSummary:
         from epicrisis.pipeline import summarize_stay
 
         self.started.set()
@@ -167,7 +169,7 @@ def test_an_unknown_job_is_not_found() -> None:
 def test_the_same_idempotency_key_returns_the_same_job_and_never_a_second_run() -> None:
     calls: list[str] = []
 
-    async def counting(stay: Stay) -> DischargeSummary:
+    async def counting(stay: Stay, options: JobOptions) -> DischargeSummary:
         from epicrisis.pipeline import summarize_stay
 
         calls.append(stay.encounter.ref)

@@ -144,9 +144,26 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from epicrisis.config import get_settings
-    from epicrisis.serving.server import run_embedded
+    from epicrisis.serving.server import run_server
 
-    asyncio.run(run_embedded(get_settings()))
+    asyncio.run(run_server(get_settings(), embedded=args.embedded))
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from epicrisis.serving.queue import app
+
+    app.worker_main(
+        [
+            "worker",
+            "--queues=interactive,batch",  # interactive first: see epicrisis.serving.queue
+            f"--pool={args.pool}",
+            f"--concurrency={args.concurrency}",
+            "--loglevel=INFO",
+            "--without-gossip",
+            "--without-mingle",
+        ]
+    )
     return 0
 
 
@@ -206,10 +223,20 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--embedded",
         action="store_true",
-        required=True,  # the queued mode (Redis, Celery workers) is not built yet
-        help="run the jobs in this process (no Redis); extractive backend",
+        help="run the jobs in this process (no Redis, no workers); else queue them to Celery",
     )
     serve.set_defaults(run=_serve)
+
+    worker = commands.add_parser("worker", help="run a Celery worker for the queued jobs")
+    worker.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        metavar="N",
+        help="jobs in flight at once (threads; each holds one generation open)",
+    )
+    worker.add_argument("--pool", choices=("threads", "prefork", "solo"), default="threads")
+    worker.set_defaults(run=_worker)
 
     from epicrisis.client.bulk import add_submit_arguments
 

@@ -10,17 +10,21 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
 from epicrisis import __version__
 from epicrisis.errors import EpicrisisError, InputError
-from epicrisis.serving.jobs import JobFailure, JobRecord, JobState, MemoryJobStore, QueueFull
-from epicrisis.stay import Stay
-from epicrisis.summary.model import DischargeSummary
+from epicrisis.serving.backends import JobSummarizer
+from epicrisis.serving.jobs import (
+    Accepted,
+    JobFailure,
+    JobRecord,
+    JobState,
+    MemoryJobStore,
+    QueueFull,
+)
 from epicrisis.summary.render_fhir import render_fhir
 
-Summarizer = Callable[[Stay], Awaitable[DischargeSummary]]
 log = logging.getLogger(__name__)
 
 
@@ -28,14 +32,14 @@ class EmbeddedWorker:
     def __init__(
         self,
         store: MemoryJobStore,
-        summarizer: Summarizer,
+        summarizer: JobSummarizer,
         *,
         concurrency: int = 2,
         max_queued: int = 1000,
     ) -> None:
         self._store = store
         self._summarizer = summarizer
-        self._queue: asyncio.Queue[tuple[str, Stay]] = asyncio.Queue(maxsize=max_queued)
+        self._queue: asyncio.Queue[tuple[str, Accepted]] = asyncio.Queue(maxsize=max_queued)
         self._concurrency = concurrency
         self._consumers: list[asyncio.Task[None]] = []
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -48,9 +52,9 @@ class EmbeddedWorker:
             task.cancel()
         await asyncio.gather(*self._consumers, return_exceptions=True)
 
-    def enqueue(self, job_id: str, stay: Stay) -> None:
+    async def enqueue(self, job_id: str, accepted: Accepted) -> None:
         try:
-            self._queue.put_nowait((job_id, stay))
+            self._queue.put_nowait((job_id, accepted))
         except asyncio.QueueFull:
             raise QueueFull(f"{self._queue.maxsize} jobs are waiting; retry later") from None
 
@@ -65,18 +69,18 @@ class EmbeddedWorker:
 
     async def _consume(self) -> None:
         while True:
-            job_id, stay = await self._queue.get()
+            job_id, accepted = await self._queue.get()
             try:
                 record = await self._store.get(job_id)
                 if not record.final:  # cancelled while it waited
-                    task = asyncio.create_task(self._run(job_id, stay))
+                    task = asyncio.create_task(self._run(job_id, accepted))
                     self._running[job_id] = task
                     await asyncio.gather(task, return_exceptions=True)
             finally:
                 self._running.pop(job_id, None)
                 self._queue.task_done()
 
-    async def _run(self, job_id: str, stay: Stay) -> None:
+    async def _run(self, job_id: str, accepted: Accepted) -> None:
         await self._store.update(
             job_id,
             lambda r: replace(
@@ -84,7 +88,7 @@ class EmbeddedWorker:
             ),
         )
         try:
-            summary = await self._summarizer(stay)
+            summary = await self._summarizer(accepted.stay, accepted.options)
             document = await asyncio.to_thread(render_fhir, summary, version=__version__)
         except asyncio.CancelledError:
             return  # CancelJob already recorded the final state

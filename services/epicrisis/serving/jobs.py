@@ -14,9 +14,13 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
 
 from epicrisis.errors import EpicrisisError
+from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
+
+Priority = Literal["interactive", "batch"]
 
 
 class JobState(StrEnum):
@@ -65,6 +69,27 @@ class JobRecord:
     @property
     def final(self) -> bool:
         return self.state in FINAL
+
+
+@dataclass(frozen=True, slots=True)
+class JobOptions:
+    """What the worker needs besides the Bundle to run the same pipeline the server validated."""
+
+    encounter_id: str | None = None
+    strict: bool = False
+    allow_emergency: bool = False
+    backend: str | None = None  # "extractive" | "llm"; None: the worker's default
+    max_output_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    """A validated request: the stay (for a worker in this process) and what a remote one needs."""
+
+    stay: Stay
+    bundle: bytes
+    options: JobOptions
+    priority: Priority
 
 
 def fingerprint(*parts: bytes | str | None) -> str:

@@ -30,7 +30,6 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
@@ -42,12 +41,12 @@ from kombu.entity import Exchange, Queue
 from epicrisis import __version__
 from epicrisis.config import Settings, get_settings
 from epicrisis.errors import ConfigurationError, EpicrisisError
-from epicrisis.pipeline import load_stay, summarize_stay
+from epicrisis.pipeline import load_stay
+from epicrisis.serving.backends import BackendChooser, JobSummarizer
 from epicrisis.serving.crypto import Sealer
 from epicrisis.serving.embedded import job_failure
-from epicrisis.serving.jobs import JobFailure, JobNotFound, JobRecord, JobState
-from epicrisis.serving.redis_store import JobOptions, RedisJobStore
-from epicrisis.stay import Stay
+from epicrisis.serving.jobs import JobFailure, JobNotFound, JobOptions, JobRecord, JobState
+from epicrisis.serving.redis_store import RedisJobStore
 from epicrisis.summary.model import DischargeSummary
 from epicrisis.summary.render_fhir import render_fhir
 
@@ -60,8 +59,6 @@ QUEUES = (INTERACTIVE, BATCH)  # the order workers consume them in: -Q interacti
 Priority = Literal["interactive", "batch"]
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 EXTRA_DELIVERIES = 2  # deliveries beyond the retries: worker losses a job may survive
-
-JobSummarizer = Callable[[Stay, JobOptions], Awaitable[DischargeSummary]]
 
 
 def soft_time_limit(settings: Settings) -> float:
@@ -88,17 +85,12 @@ class _ThreadState:
     store: RedisJobStore
 
 
-async def extractive(stay: Stay, options: JobOptions) -> DischargeSummary:
-    """The default summarizer: templates over the facts, no model."""
-    return await asyncio.to_thread(summarize_stay, stay)
-
-
 class JobRunner:
     """Runs jobs for one worker process: settings, keys, the summarizer; a loop per thread."""
 
-    def __init__(self, settings: Settings, summarizer: JobSummarizer = extractive) -> None:
+    def __init__(self, settings: Settings, summarizer: JobSummarizer | None = None) -> None:
         self.settings = settings
-        self.summarizer = summarizer
+        self.summarizer = summarizer or BackendChooser(settings)
         self._sealer: Sealer | None = None
         self._local = threading.local()
         self._lock = threading.Lock()

@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any, Self
 
 import orjson
@@ -31,6 +31,7 @@ from epicrisis.serving.jobs import (
     IdempotencyConflict,
     JobFailure,
     JobNotFound,
+    JobOptions,
     JobRecord,
     JobState,
 )
@@ -49,17 +50,6 @@ if value and string.sub(value, 1, string.len(ARGV[1])) == ARGV[1] then
 end
 return 0
 """
-
-
-@dataclass(frozen=True, slots=True)
-class JobOptions:
-    """What the worker needs besides the Bundle to run the same pipeline the server validated."""
-
-    encounter_id: str | None = None
-    strict: bool = False
-    allow_emergency: bool = False
-    backend: str | None = None  # "extractive" | "llm"; None: the worker's default
-    max_output_tokens: int | None = None
 
 
 class RedisJobStore:
@@ -90,6 +80,10 @@ class RedisJobStore:
 
     async def aclose(self) -> None:
         await self._redis.aclose()
+
+    async def ping(self) -> None:
+        """Raise unless Redis answers (the server's health check)."""
+        await self._redis.ping()
 
     # -- the MemoryJobStore interface ------------------------------------------------------
 

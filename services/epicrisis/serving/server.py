@@ -13,19 +13,21 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from epicrisis.config import Settings
-from epicrisis.pipeline import summarize_stay
-from epicrisis.serving.embedded import EmbeddedWorker, Summarizer
+from epicrisis.serving.backends import BackendChooser, JobSummarizer
+from epicrisis.serving.embedded import EmbeddedWorker
 from epicrisis.serving.jobs import MemoryJobStore
 from epicrisis.serving.servicer import SERVICE_NAME, DischargeSummarizer
-from epicrisis.stay import Stay
-from epicrisis.summary.model import DischargeSummary
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from epicrisis.serving.redis_store import RedisJobStore
 
 log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD = 1024 * 1024  # room for the other fields of a request beside the Bundle
@@ -58,22 +60,22 @@ def create_server(
     return server, port
 
 
-async def _extractive(stay: Stay) -> DischargeSummary:
-    return await asyncio.to_thread(summarize_stay, stay)
-
-
 @contextlib.asynccontextmanager
 async def embedded_service(
     settings: Settings,
     address: str,
     *,
-    summarizer: Summarizer = _extractive,
+    summarizer: JobSummarizer | None = None,
     max_queued: int = 1000,
 ) -> AsyncIterator[tuple[grpc.aio.Server, int, health.aio.HealthServicer]]:
     """A started server with an in-process worker; drained and stopped on exit."""
     store = MemoryJobStore()
+    chooser = BackendChooser(settings)
     worker = EmbeddedWorker(
-        store, summarizer, concurrency=settings.embedded_concurrency, max_queued=max_queued
+        store,
+        summarizer or chooser,
+        concurrency=settings.embedded_concurrency,
+        max_queued=max_queued,
     )
     health_servicer = health.aio.HealthServicer()
     server, port = create_server(
@@ -93,18 +95,76 @@ async def embedded_service(
             await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await server.stop(settings.shutdown_grace_seconds)
         await worker.stop()
+        await chooser.aclose()
 
 
-async def run_embedded(settings: Settings) -> None:
-    """``epicrisis serve --embedded``: serve until SIGINT or SIGTERM, then drain."""
+@contextlib.asynccontextmanager
+async def queued_service(
+    settings: Settings, address: str, *, max_queued: int = 10_000
+) -> AsyncIterator[tuple[grpc.aio.Server, int, health.aio.HealthServicer]]:
+    """A started server that queues to Celery on Redis; refuses to start without its key."""
+    from epicrisis.serving.crypto import Sealer
+    from epicrisis.serving.queue import create_app
+    from epicrisis.serving.queued import QueuedWorker
+    from epicrisis.serving.redis_store import RedisJobStore
+
+    sealer = Sealer.from_settings(settings)  # no key outside the embedded mode: an error now
+    store = RedisJobStore.from_url(
+        settings.redis_url,
+        sealer,
+        ttl_seconds=settings.job_ttl_seconds,
+        prefix=settings.redis_key_prefix,
+    )
+    app = create_app(settings)
+    health_servicer = health.aio.HealthServicer()
+    server, port = create_server(
+        address,
+        DischargeSummarizer(store, QueuedWorker(store, app, max_queued=max_queued)),
+        health_servicer,
+        max_bundle_bytes=settings.limits.max_bundle_bytes,
+    )
+    await server.start()
+    watchdog = asyncio.create_task(_watch_redis(store, health_servicer))
+    try:
+        yield server, port, health_servicer
+    finally:
+        watchdog.cancel()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(settings.shutdown_grace_seconds)
+        await store.aclose()
+
+
+async def _watch_redis(store: RedisJobStore, health_servicer: health.aio.HealthServicer) -> None:
+    """SERVING while Redis answers, NOT_SERVING while it does not (checked every 2 s)."""
+    serving = health_pb2.HealthCheckResponse.SERVING
+    while True:
+        try:
+            await asyncio.wait_for(store.ping(), 2.0)
+            status = serving
+        except Exception:  # any failure to reach Redis means we cannot accept work
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+        await asyncio.sleep(2.0)
+
+
+async def run_server(settings: Settings, *, embedded: bool) -> None:
+    """``epicrisis serve [--embedded]``: serve until SIGINT or SIGTERM, then drain."""
     address = f"{settings.grpc_host}:{settings.grpc_port}"
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    async with embedded_service(settings, address) as (_, port, _health):
-        sys.stderr.write(
-            f"epicrisis: serving gRPC on {settings.grpc_host}:{port} (embedded worker)\n"
-        )
+    service = embedded_service(settings, address) if embedded else queued_service(settings, address)
+    mode = "embedded worker" if embedded else f"jobs queued on {_redacted(settings.redis_url)}"
+    async with service as (_, port, _health):
+        sys.stderr.write(f"epicrisis: serving gRPC on {settings.grpc_host}:{port} ({mode})\n")
         await stop.wait()
         sys.stderr.write("epicrisis: draining in-flight calls\n")
+
+
+def _redacted(url: str) -> str:
+    """A Redis URL without its password, fit for a log line."""
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.rsplit('@', 1)[-1]}"

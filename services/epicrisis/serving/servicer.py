@@ -16,12 +16,12 @@ import grpc
 
 from epicrisis.pipeline import load_stay
 from epicrisis.serving.convert import job_message
-from epicrisis.serving.jobs import JobRecord, MemoryJobStore, QueueFull, fingerprint
+from epicrisis.serving.jobs import Accepted, JobOptions, JobRecord, QueueFull, fingerprint
 from epicrisis.serving.status import status_for
-from epicrisis.stay import Stay
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 
+BACKENDS = {pb.BACKEND_EXTRACTIVE: "extractive", pb.BACKEND_LLM: "llm"}
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DischargeSummarizer"].full_name
 DEADLINE_MARGIN_SECONDS = 0.05  # answer DEADLINE_EXCEEDED ourselves, before the transport does
 
@@ -32,9 +32,23 @@ Response = TypeVar("Response")
 class Worker(Protocol):
     """What the servicer needs of a worker: a queue (that may be full) and cancellation."""
 
-    def enqueue(self, job_id: str, stay: Stay) -> None: ...
+    async def enqueue(self, job_id: str, accepted: Accepted) -> None: ...
 
     async def cancel(self, job_id: str) -> JobRecord: ...
+
+
+class JobStore(Protocol):
+    """The job records: in memory (embedded) or in Redis (queued)."""
+
+    async def create(
+        self, *, idempotency_key: str | None, request_digest: str
+    ) -> tuple[JobRecord, bool]: ...
+
+    async def get(self, job_id: str) -> JobRecord: ...
+
+    def watch(self, job_id: str) -> AsyncIterator[JobRecord]: ...
+
+    async def discard(self, job_id: str) -> None: ...
 
 
 def _unary(
@@ -72,7 +86,7 @@ def _streaming(
 
 
 class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
-    def __init__(self, store: MemoryJobStore, worker: Worker) -> None:
+    def __init__(self, store: JobStore, worker: Worker) -> None:
         self._store = store
         self._worker = worker
 
@@ -132,10 +146,24 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
             request.bundle, encounter_id, options.SerializeToString(deterministic=True)
         )
         key = request.idempotency_key if request.HasField("idempotency_key") else None
+        accepted = Accepted(
+            stay,
+            request.bundle,
+            JobOptions(
+                encounter_id=encounter_id,
+                strict=options.strict,
+                allow_emergency=options.allow_emergency,
+                backend=BACKENDS.get(options.backend),
+                max_output_tokens=(
+                    options.max_output_tokens if options.HasField("max_output_tokens") else None
+                ),
+            ),
+            "batch" if options.priority == pb.PRIORITY_BATCH else "interactive",
+        )
         record, created = await self._store.create(idempotency_key=key, request_digest=digest)
         if created:
             try:
-                self._worker.enqueue(record.id, stay)
+                await self._worker.enqueue(record.id, accepted)
             except QueueFull:
                 await self._store.discard(record.id)  # a retry with the same key starts afresh
                 raise

@@ -1,0 +1,36 @@
+"""The servicer's worker in the queued mode: sealed payloads to Redis, job ids to Celery.
+
+The server validates and stores; Celery workers (``epicrisis worker``) run the jobs. The
+queue depth is bounded per priority: past ``max_queued`` waiting jobs, Submit answers
+RESOURCE_EXHAUSTED instead of letting Redis grow without bound.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import replace
+from typing import Any
+
+from epicrisis.serving.jobs import Accepted, JobRecord, JobState, QueueFull
+from epicrisis.serving.queue import submit
+from epicrisis.serving.redis_store import RedisJobStore
+
+
+class QueuedWorker:
+    def __init__(self, store: RedisJobStore, app: Any, *, max_queued: int) -> None:
+        self._store = store
+        self._app = app
+        self._max_queued = max_queued
+
+    async def enqueue(self, job_id: str, accepted: Accepted) -> None:
+        if await self._store.queue_depth(accepted.priority) >= self._max_queued:
+            raise QueueFull(f"{self._max_queued} {accepted.priority} jobs are waiting; retry later")
+        await self._store.put_payload(job_id, accepted.bundle, accepted.options)
+        await asyncio.to_thread(submit, self._app, job_id, priority=accepted.priority)
+
+    async def cancel(self, job_id: str) -> JobRecord:
+        """Final at once; a worker never overwrites a final record, nor starts a cancelled job."""
+        return await self._store.update(
+            job_id, lambda r: replace(r, state=JobState.CANCELLED, finished_at=time.time())
+        )
