@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from dataclasses import replace
 
 from epicrisis import __version__
 from epicrisis.errors import EpicrisisError, InputError
@@ -19,9 +17,12 @@ from epicrisis.serving.jobs import (
     Accepted,
     JobFailure,
     JobRecord,
-    JobState,
     MemoryJobStore,
     QueueFull,
+    cancelled,
+    failed,
+    started,
+    succeeded,
 )
 from epicrisis.summary.render_fhir import render_fhir
 
@@ -59,9 +60,7 @@ class EmbeddedWorker:
             raise QueueFull(f"{self._queue.maxsize} jobs are waiting; retry later") from None
 
     async def cancel(self, job_id: str) -> JobRecord:
-        record = await self._store.update(
-            job_id, lambda r: replace(r, state=JobState.CANCELLED, finished_at=time.time())
-        )
+        record = await self._store.update(job_id, cancelled)
         task = self._running.get(job_id)
         if task is not None:
             task.cancel()
@@ -81,12 +80,7 @@ class EmbeddedWorker:
                 self._queue.task_done()
 
     async def _run(self, job_id: str, accepted: Accepted) -> None:
-        await self._store.update(
-            job_id,
-            lambda r: replace(
-                r, state=JobState.RUNNING, started_at=time.time(), stage="summarizing", fraction=0.1
-            ),
-        )
+        await self._store.update(job_id, started)
         try:
             summary = await self._summarizer(accepted.stay, accepted.options)
             document = await asyncio.to_thread(render_fhir, summary, version=__version__)
@@ -101,23 +95,12 @@ class EmbeddedWorker:
                 job_id, JobFailure("internal", "internal error; please report it", True)
             )
             return
-        await self._store.update(
-            job_id,
-            lambda r: replace(
-                r,
-                state=JobState.SUCCEEDED,
-                finished_at=time.time(),
-                stage="done",
-                fraction=1.0,
-                summary=summary,
-                fhir_document=document,
-            ),
-        )
+        await self._store.update(job_id, succeeded(summary, document))
 
     async def _fail(self, job_id: str, failure: JobFailure) -> None:
         await self._store.update(
             job_id,
-            lambda r: replace(r, state=JobState.FAILED, finished_at=time.time(), error=failure),
+            failed(failure),
         )
 
 

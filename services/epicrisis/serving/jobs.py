@@ -12,7 +12,7 @@ import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Literal
 
@@ -90,6 +90,41 @@ class Accepted:
     bundle: bytes
     options: JobOptions
     priority: Priority
+
+
+# -- the transitions every worker applies (``store.update(job_id, transition)``) ----------
+
+
+def started(record: JobRecord) -> JobRecord:
+    return replace(
+        record,
+        state=JobState.RUNNING,
+        started_at=record.started_at or time.time(),
+        stage="summarizing",
+        fraction=0.1,
+    )
+
+
+def succeeded(summary: DischargeSummary, document: str) -> Callable[[JobRecord], JobRecord]:
+    return lambda record: replace(
+        record,
+        state=JobState.SUCCEEDED,
+        finished_at=time.time(),
+        stage="done",
+        fraction=1.0,
+        summary=summary,
+        fhir_document=document,
+    )
+
+
+def failed(failure: JobFailure) -> Callable[[JobRecord], JobRecord]:
+    return lambda record: replace(
+        record, state=JobState.FAILED, finished_at=time.time(), error=failure
+    )
+
+
+def cancelled(record: JobRecord) -> JobRecord:
+    return replace(record, state=JobState.CANCELLED, finished_at=time.time())
 
 
 def fingerprint(*parts: bytes | str | None) -> str:

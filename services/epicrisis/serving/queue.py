@@ -29,7 +29,6 @@ import asyncio
 import logging
 import re
 import threading
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
 
@@ -45,7 +44,15 @@ from epicrisis.pipeline import load_stay
 from epicrisis.serving.backends import BackendChooser, JobSummarizer
 from epicrisis.serving.crypto import Sealer
 from epicrisis.serving.embedded import job_failure
-from epicrisis.serving.jobs import JobFailure, JobNotFound, JobOptions, JobRecord, JobState
+from epicrisis.serving.jobs import (
+    JobFailure,
+    JobNotFound,
+    JobOptions,
+    JobState,
+    failed,
+    started,
+    succeeded,
+)
 from epicrisis.serving.redis_store import RedisJobStore
 from epicrisis.summary.model import DischargeSummary
 from epicrisis.summary.render_fhir import render_fhir
@@ -128,7 +135,7 @@ class JobRunner:
             if await store.count_run(job_id) > max_retries + 1 + EXTRA_DELIVERIES:
                 failure = JobFailure("worker-lost", "the job stopped its workers repeatedly", True)
                 return await _fail(store, job_id, failure)
-            record = await store.update(job_id, _started)
+            record = await store.update(job_id, started)
             if record.final:
                 return "skipped"  # cancelled meanwhile
             bundle, options = await store.take_payload(job_id)
@@ -151,18 +158,7 @@ class JobRunner:
             log.error("job %s failed with an internal error (%s)", job_id, type(exc).__name__)
             failure = JobFailure("internal", "internal error; please report it", True)
             return await _fail(store, job_id, failure)
-        final = await store.update(
-            job_id,
-            lambda r: replace(
-                r,
-                state=JobState.SUCCEEDED,
-                finished_at=time.time(),
-                stage="done",
-                fraction=1.0,
-                summary=summary,
-                fhir_document=document,
-            ),
-        )
+        final = await store.update(job_id, succeeded(summary, document))
         return final.state.value if final.state is JobState.SUCCEEDED else "skipped"
 
     async def _pipeline(self, bundle: bytes, options: JobOptions) -> tuple[DischargeSummary, str]:
@@ -204,20 +200,8 @@ class JobRunner:
             state.runner.close()  # cancels what the interrupted run left behind
 
 
-def _started(record: JobRecord) -> JobRecord:
-    return replace(
-        record,
-        state=JobState.RUNNING,
-        started_at=record.started_at or time.time(),
-        stage="summarizing",
-        fraction=0.1,
-    )
-
-
 async def _fail(store: RedisJobStore, job_id: str, failure: JobFailure) -> str:
-    record = await store.update(
-        job_id, lambda r: replace(r, state=JobState.FAILED, finished_at=time.time(), error=failure)
-    )
+    record = await store.update(job_id, failed(failure))
     return "failed" if record.state is JobState.FAILED else "skipped"
 
 

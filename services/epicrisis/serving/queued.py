@@ -8,11 +8,9 @@ RESOURCE_EXHAUSTED instead of letting Redis grow without bound.
 from __future__ import annotations
 
 import asyncio
-import time
-from dataclasses import replace
 from typing import Any
 
-from epicrisis.serving.jobs import Accepted, JobRecord, JobState, QueueFull
+from epicrisis.serving.jobs import Accepted, JobRecord, QueueFull, cancelled
 from epicrisis.serving.queue import submit
 from epicrisis.serving.redis_store import RedisJobStore
 
@@ -31,6 +29,4 @@ class QueuedWorker:
 
     async def cancel(self, job_id: str) -> JobRecord:
         """Final at once; a worker never overwrites a final record, nor starts a cancelled job."""
-        return await self._store.update(
-            job_id, lambda r: replace(r, state=JobState.CANCELLED, finished_at=time.time())
-        )
+        return await self._store.update(job_id, cancelled)
