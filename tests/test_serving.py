@@ -270,3 +270,75 @@ def test_health_and_reflection_are_on() -> None:
     status, names = run(scenario)
     assert status == health_pb2.HealthCheckResponse.SERVING
     assert SERVICE_NAME in names and "grpc.health.v1.Health" in names
+
+
+# -- with the model: the simulator on loopback -------------------------------------------
+
+
+@asynccontextmanager
+async def api_with_model(
+    sim_base_url: str,
+) -> AsyncIterator[tuple[pb_grpc.DischargeSummarizerStub, grpc.aio.Channel]]:
+    settings = Settings(embedded_concurrency=2, shutdown_grace_seconds=1, llm_urls=[sim_base_url])
+    async with (
+        embedded_service(settings, "127.0.0.1:0") as (_, port, _health),
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        yield pb_grpc.DischargeSummarizerStub(channel), channel
+
+
+def _set_faults(base_url: str, faults: dict[str, Any]) -> None:
+    import urllib.request
+
+    request = urllib.request.Request(
+        base_url + "/__sim/faults",
+        data=json.dumps(faults).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as answer:
+        assert answer.status == 200
+
+
+def test_the_model_writes_the_prose_and_a_rejected_request_fails_the_job_with_its_reason() -> None:
+    from epicrisis.llm.simulator import SimulatorConfig, SimulatorThread
+
+    with SimulatorThread(SimulatorConfig(port=0)) as sim:
+
+        async def scenario() -> tuple[pb.Job, pb.Job]:
+            async with api_with_model(sim.base_url) as (stub, _):
+                good = await stub.Summarize(pb.SubmitRequest(bundle=SAMPLE), timeout=60)
+                _set_faults(sim.base_url, {"validation": {"next": 10}})
+                rejected = await stub.Summarize(pb.SubmitRequest(bundle=SAMPLE), timeout=60)
+                return good, rejected
+
+        good, rejected = run(scenario)
+    assert good.state == pb.JOB_STATE_SUCCEEDED and good.summary.provenance.backend == "llm"
+    assert rejected.state == pb.JOB_STATE_FAILED
+    assert rejected.error.message and not rejected.error.retryable
+
+
+def test_health_is_not_serving_while_no_model_endpoint_is_healthy() -> None:
+    from epicrisis.llm.simulator import SimulatorConfig, SimulatorThread
+
+    with SimulatorThread(SimulatorConfig(port=0)) as sim:
+
+        async def status(channel: grpc.aio.Channel, wanted: int) -> int:
+            health = health_pb2_grpc.HealthStub(channel)
+            seen = -1
+            for _ in range(50):  # the watchdog looks every 2 s
+                seen = (await health.Check(health_pb2.HealthCheckRequest(service=""))).status
+                if seen == wanted:
+                    break
+                await asyncio.sleep(0.2)
+            return seen
+
+        async def scenario() -> tuple[int, int]:
+            async with api_with_model(sim.base_url) as (_, channel):
+                serving = await status(channel, health_pb2.HealthCheckResponse.SERVING)
+                _set_faults(sim.base_url, {"unhealthy": {"probability": 1.0}})
+                down = await status(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
+                return serving, down
+
+        serving, down = run(scenario)
+    assert serving == health_pb2.HealthCheckResponse.SERVING
+    assert down == health_pb2.HealthCheckResponse.NOT_SERVING

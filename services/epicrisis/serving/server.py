@@ -12,7 +12,7 @@ import contextlib
 import logging
 import signal
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING
 
 import grpc
@@ -27,7 +27,7 @@ from epicrisis.serving.servicer import SERVICE_NAME, DischargeSummarizer
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
-    from epicrisis.serving.redis_store import RedisJobStore
+    pass
 
 log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD = 1024 * 1024  # room for the other fields of a request beside the Bundle
@@ -88,14 +88,18 @@ async def embedded_service(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    try:
-        yield server, port, health_servicer
-    finally:
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.stop(settings.shutdown_grace_seconds)
-        await worker.stop()
-        await chooser.aclose()
+    async with _llm_health(settings) as llm_checks:
+        watchdog = asyncio.create_task(_watch(llm_checks, health_servicer)) if llm_checks else None
+        try:
+            yield server, port, health_servicer
+        finally:
+            if watchdog is not None:
+                watchdog.cancel()
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await server.stop(settings.shutdown_grace_seconds)
+            await worker.stop()
+            await chooser.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -124,29 +128,67 @@ async def queued_service(
         max_bundle_bytes=settings.limits.max_bundle_bytes,
     )
     await server.start()
-    watchdog = asyncio.create_task(_watch_redis(store, health_servicer))
-    try:
-        yield server, port, health_servicer
-    finally:
-        watchdog.cancel()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.stop(settings.shutdown_grace_seconds)
-        await store.aclose()
 
+    async def redis_answers() -> bool:
+        await store.ping()
+        return True
 
-async def _watch_redis(store: RedisJobStore, health_servicer: health.aio.HealthServicer) -> None:
-    """SERVING while Redis answers, NOT_SERVING while it does not (checked every 2 s)."""
-    serving = health_pb2.HealthCheckResponse.SERVING
-    while True:
+    async with _llm_health(settings) as llm_checks:
+        watchdog = asyncio.create_task(_watch([redis_answers, *llm_checks], health_servicer))
         try:
-            await asyncio.wait_for(store.ping(), 2.0)
-            status = serving
-        except Exception:  # any failure to reach Redis means we cannot accept work
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
+            yield server, port, health_servicer
+        finally:
+            watchdog.cancel()
+            for name in ("", SERVICE_NAME):
+                await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            await server.stop(settings.shutdown_grace_seconds)
+            await store.aclose()
+
+
+Check = Callable[[], Awaitable[bool]]
+
+
+async def _watch(checks: list[Check], health_servicer: health.aio.HealthServicer) -> None:
+    """SERVING while every check passes (Redis answers; some LLM endpoint is healthy), else
+    NOT_SERVING; checked every 2 s so load balancers and probes see an outage."""
+    while True:
+        ok = True
+        for check in checks:
+            try:
+                ok = ok and await asyncio.wait_for(check(), 2.0)
+            except Exception:  # unreachable or broken: not serving, whatever the cause
+                ok = False
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if ok
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, status)
         await asyncio.sleep(2.0)
+
+
+@contextlib.asynccontextmanager
+async def _llm_health(settings: Settings) -> AsyncIterator[list[Check]]:
+    """A check that some configured LLM endpoint answers /health (none when none is set)."""
+    if not settings.llm_urls:
+        yield []
+        return
+    from epicrisis.llm.client import EndpointClient
+
+    clients = [
+        EndpointClient(url, index=i, timeout=2.0, connect_timeout=1.0)
+        for i, url in enumerate(settings.llm_urls)
+    ]
+
+    async def any_healthy() -> bool:
+        return any(await asyncio.gather(*(c.health() for c in clients)))
+
+    try:
+        yield [any_healthy]
+    finally:
+        for client in clients:
+            await client.aclose()
 
 
 async def run_server(settings: Settings, *, embedded: bool) -> None:
