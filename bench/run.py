@@ -11,6 +11,7 @@ from pathlib import Path
 
 import ingest_prompt  # bench/ is on sys.path when run as `python bench/run.py`
 import reference_coverage
+import service
 
 HERE = Path(__file__).resolve().parent
 
@@ -42,6 +43,7 @@ def main() -> None:
     )
     speed = ingest_prompt.markdown(ingest_prompt.measure(files, repeat=5))
     covered = reference_coverage.markdown()
+    served = service.markdown()
     text = f"""# Benchmarks
 
 Written by `python bench/run.py` ({started}) on: {machine()}.
@@ -73,7 +75,10 @@ completed ones too. Medication gaps are completed inpatient orders and inpatient
 superseded by a discharge order for the same drug, which we do not list as discharge
 medications.
 
-{covered}"""
+{covered}
+## The service: overhead and backend saturation
+
+{served}"""
     (HERE / "README.md").write_text(text)
     print(text)
 

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,10 +24,6 @@ from epicrisis.serving.jobs import MemoryJobStore
 from epicrisis.serving.servicer import SERVICE_NAME, DischargeSummarizer
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 
-if TYPE_CHECKING:
-    pass
-
-log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD = 1024 * 1024  # room for the other fields of a request beside the Bundle
 
 

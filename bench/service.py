@@ -1,0 +1,390 @@
+"""The gRPC service: its overhead over a direct call, and how full it keeps the LLM backend.
+
+Two measurements, each in one run of this process, on the packaged sample stay
+(``epicrisis/samples/sample-stay.json``); nothing but 127.0.0.1 is contacted.
+
+1. Overhead: the embedded server (``embedded_service`` on 127.0.0.1:0, extractive backend,
+   ``embedded_concurrency=2``) answering ``Summarize`` to 1, 16 and 64 concurrent grpc.aio
+   callers, against ``epicrisis.pipeline.summarize`` called directly on the same bytes
+   in the same run.
+2. Saturation: the embedded server with the LLM backend in front of one or two TGI
+   simulators (128 slots each, a realistic time per token), a backlog submitted at once;
+   ``/__sim/state`` is sampled every 0.1 s and the mean in-flight count over the steady
+   part is divided by the slots.
+
+``python bench/service.py`` prints the markdown; ``bench/run.py`` calls :func:`markdown`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import grpc
+
+import epicrisis
+from epicrisis.config import Settings
+from epicrisis.llm.simulator import SimulatorConfig, SimulatorThread
+from epicrisis.pipeline import summarize
+from epicrisis.serving.server import embedded_service
+from epicrisis.v1 import summarizer_pb2 as pb
+from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
+
+SAMPLE = Path(epicrisis.__file__).resolve().parent / "samples" / "sample-stay.json"
+LEVELS = (1, 16, 64)  # concurrent callers
+REQUESTS_PER_LEVEL = 128
+LEVEL_SECONDS = 20.0  # no new request after this long at one level
+DIRECT_REPEAT = 32
+SLOTS = 128  # max_concurrent_requests of each simulator
+TOKEN_SECONDS = 0.02
+FIRST_TOKEN_SECONDS = 0.2
+BACKLOG = 300
+SATURATION_SECONDS = 60.0  # bound on one saturation run, submission included
+SAMPLE_SECONDS = 0.1
+GOAL = 0.95
+
+
+# -- 1. overhead -------------------------------------------------------------------------
+
+
+@dataclass
+class Level:
+    """One concurrency level: per-request latencies (ms) and throughput."""
+
+    callers: int
+    latencies_ms: list[float]
+    errors: int
+    seconds: float
+
+    @property
+    def jobs_per_second(self) -> float:
+        return len(self.latencies_ms) / self.seconds
+
+
+@dataclass
+class Overhead:
+    """Direct in-process calls and the server at each level, from the same run."""
+
+    direct_ms: list[float]
+    levels: list[Level]
+
+
+def _percentile(values: list[float], pct: int) -> float:
+    """The ``pct``-th percentile (inclusive method); the value itself for one sample."""
+    if len(values) < 2:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
+
+
+def _direct(data: bytes, repeat: int) -> list[float]:
+    summarize(data)  # warm caches
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        summarize(data)
+        out.append((time.perf_counter() - start) * 1000)
+    return out
+
+
+async def _level(
+    stub: pb_grpc.DischargeSummarizerStub, request: pb.SubmitRequest, callers: int, total: int
+) -> Level:
+    """``callers`` loops sharing ``total`` Summarize calls (none started past the bound)."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
+    started = time.perf_counter()
+    cutoff = started + LEVEL_SECONDS
+
+    async def caller() -> None:
+        nonlocal issued, errors
+        while issued < total and time.perf_counter() < cutoff:
+            issued += 1
+            t0 = time.perf_counter()
+            try:
+                job = await stub.Summarize(request, timeout=60.0)
+            except grpc.aio.AioRpcError:
+                errors += 1
+                continue
+            if job.state != pb.JOB_STATE_SUCCEEDED:
+                errors += 1
+                continue
+            latencies.append((time.perf_counter() - t0) * 1000)
+
+    await asyncio.gather(*(caller() for _ in range(callers)))
+    return Level(callers, latencies, errors, time.perf_counter() - started)
+
+
+async def _serve_levels(data: bytes, levels: tuple[int, ...], total: int) -> list[Level]:
+    settings = Settings(embedded_concurrency=2, llm_urls=[])
+    request = pb.SubmitRequest(
+        bundle=data, options=pb.SummaryOptions(backend=pb.BACKEND_EXTRACTIVE)
+    )
+    size = len(data) + 1024 * 1024
+    options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
+    async with (
+        embedded_service(settings, "127.0.0.1:0") as (_, port, _health),
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel,
+    ):
+        stub = pb_grpc.DischargeSummarizerStub(channel)
+        for _ in range(3):  # warm the channel, the threads and the caches
+            await stub.Summarize(request, timeout=60.0)
+        return [await _level(stub, request, callers, total) for callers in levels]
+
+
+def measure_overhead(
+    levels: tuple[int, ...] = LEVELS,
+    requests_per_level: int = REQUESTS_PER_LEVEL,
+    direct_repeat: int = DIRECT_REPEAT,
+) -> Overhead:
+    """Direct calls first, then the server at each level, on the same bytes."""
+    data = SAMPLE.read_bytes()
+    direct = _direct(data, direct_repeat)
+    return Overhead(direct, asyncio.run(_serve_levels(data, levels, requests_per_level)))
+
+
+# -- 2. saturation -----------------------------------------------------------------------
+
+
+@dataclass
+class Saturation:
+    """One backlog against ``endpoints`` simulators of ``SLOTS`` slots each."""
+
+    endpoints: int
+    backlog: int
+    samples: list[tuple[float, int]]  # (seconds since the first Submit, in flight, all sims)
+    steady: tuple[float, float]  # the window averaged, same clock
+    submitted_seconds: float  # every Submit answered (the run's length if some were not)
+    full_seconds: float | None  # first sample with every slot busy
+    succeeded: int
+    failed: int
+    seconds: float  # first Submit to last job final (or the bound)
+    timed_out: bool
+    max_in_flight: int  # the simulators' own peak counters, summed
+    cpu_cores: float  # process CPU time / wall time (all threads; the GIL caps Python at 1)
+    fallbacks: int = 0  # LLM answers replaced by the extractive prose
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def slots(self) -> int:
+        return self.endpoints * SLOTS
+
+    @property
+    def steady_values(self) -> list[int]:
+        start, end = self.steady
+        return [n for t, n in self.samples if start <= t <= end]
+
+    @property
+    def mean_share(self) -> float | None:
+        values = self.steady_values
+        return statistics.fmean(values) / self.slots if values else None
+
+
+async def _state(session: aiohttp.ClientSession, url: str) -> dict:
+    async with session.get(url + "/__sim/state") as response:
+        return await response.json()
+
+
+async def _saturate(urls: list[str], backlog: int, bound: float) -> Saturation:
+    slots = SLOTS * len(urls)
+    settings = Settings(llm_urls=urls, embedded_concurrency=slots)
+    request = pb.SubmitRequest(
+        bundle=SAMPLE.read_bytes(), options=pb.SummaryOptions(backend=pb.BACKEND_LLM)
+    )
+    samples: list[tuple[float, int]] = []
+    finished: list[float] = []
+    accepted_at: list[float] = []
+    outcomes = {"ok": 0, "failed": 0, "fallbacks": 0}
+    notes: list[str] = []
+    async with (
+        aiohttp.ClientSession() as session,
+        embedded_service(settings, "127.0.0.1:0", max_queued=backlog + 10) as (_, port, _h),
+        grpc.aio.insecure_channel(
+            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
+        ) as channel,
+    ):
+        stub = pb_grpc.DischargeSummarizerStub(channel)
+        cpu0 = time.process_time()
+        t0 = time.perf_counter()
+        deadline = t0 + bound
+
+        async def sample() -> None:
+            while True:
+                states = await asyncio.gather(*(_state(session, u) for u in urls))
+                in_flight = sum(s["counters"]["in_flight"] for s in states)
+                samples.append((time.perf_counter() - t0, in_flight))
+                await asyncio.sleep(SAMPLE_SECONDS)
+
+        async def job() -> None:
+            accepted = await stub.Submit(request, timeout=bound)
+            accepted_at.append(time.perf_counter() - t0)
+            async for update in stub.WatchJob(pb.WatchJobRequest(id=accepted.id), timeout=bound):
+                if update.state in (pb.JOB_STATE_QUEUED, pb.JOB_STATE_RUNNING):
+                    continue
+                finished.append(time.perf_counter() - t0)
+                if update.state == pb.JOB_STATE_SUCCEEDED:
+                    outcomes["ok"] += 1
+                    if update.summary.provenance.fallback:
+                        outcomes["fallbacks"] += 1
+                else:
+                    outcomes["failed"] += 1
+                    notes.append(f"job {update.state}: {update.error.code} {update.error.message}")
+                return
+
+        async def tracked() -> None:
+            try:
+                await job()
+            except grpc.aio.AioRpcError as exc:
+                outcomes["failed"] += 1
+                notes.append(f"RPC {exc.code().name}: {exc.details()}")
+
+        sampler = asyncio.create_task(sample())
+
+        jobs = [asyncio.create_task(tracked()) for _ in range(backlog)]
+        _done, pending = await asyncio.wait(jobs, timeout=max(deadline - time.perf_counter(), 0))
+        timed_out = bool(pending)
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        seconds = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0
+        sampler.cancel()
+        await asyncio.gather(sampler, return_exceptions=True)
+        states = await asyncio.gather(*(_state(session, u) for u in urls))
+
+    # Steady part: from the moment the backlog is all queued (or, if sooner, every slot was
+    # first busy) until fewer jobs than slots are left (then the slots cannot all be busy).
+    submitted = max(accepted_at) if len(accepted_at) == backlog else seconds
+    full = next((t for t, n in samples if n >= slots), None)
+    finished.sort()
+    end = finished[backlog - slots - 1] if len(finished) >= backlog - slots > 0 else seconds
+    return Saturation(
+        endpoints=len(urls),
+        backlog=backlog,
+        samples=samples,
+        steady=(submitted if full is None else min(submitted, full), end),
+        submitted_seconds=submitted,
+        full_seconds=full,
+        succeeded=outcomes["ok"],
+        failed=outcomes["failed"],
+        seconds=seconds,
+        timed_out=timed_out,
+        max_in_flight=sum(s["counters"]["max_in_flight"] for s in states),
+        cpu_cores=cpu / seconds,
+        fallbacks=outcomes["fallbacks"],
+        notes=sorted(set(notes))[:5],
+    )
+
+
+def measure_saturation(
+    endpoints: int, backlog: int = BACKLOG, bound: float = SATURATION_SECONDS
+) -> Saturation:
+    """A backlog against ``endpoints`` simulators, each on its own loop in its own thread."""
+    config = SimulatorConfig(
+        port=0,
+        max_concurrent_requests=SLOTS,
+        token_seconds=TOKEN_SECONDS,
+        first_token_seconds=FIRST_TOKEN_SECONDS,
+        seed=0,
+    )
+    with contextlib.ExitStack() as stack:
+        sims = [stack.enter_context(SimulatorThread(config)) for _ in range(endpoints)]
+        return asyncio.run(_saturate([s.base_url for s in sims], backlog, bound))
+
+
+# -- markdown ----------------------------------------------------------------------------
+
+
+def _overhead_markdown(o: Overhead) -> str:
+    direct_p50 = statistics.median(o.direct_ms)
+    lines = [
+        "| callers | requests | p50 ms | p99 ms | jobs/s | p50 - direct p50 ms | errors |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| direct call | {len(o.direct_ms)} | {direct_p50:.1f} "
+        f"| {_percentile(o.direct_ms, 99):.1f} | {1000 / direct_p50:.1f} | - | - |",
+    ]
+    for level in o.levels:
+        if not level.latencies_ms:
+            lines.append(f"| {level.callers} | 0 | - | - | - | - | {level.errors} |")
+            continue
+        p50 = statistics.median(level.latencies_ms)
+        lines.append(
+            f"| {level.callers} | {len(level.latencies_ms)} | {p50:.1f} "
+            f"| {_percentile(level.latencies_ms, 99):.1f} | {level.jobs_per_second:.1f} "
+            f"| {p50 - direct_p50:+.1f} | {level.errors} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _saturation_markdown(runs: list[Saturation]) -> str:
+    lines = [
+        "| endpoints | slots | backlog | steady window s | samples | mean in flight "
+        "| ÷ slots | min-max in flight | full after s | peak | jobs ok / failed | jobs/s "
+        "| CPU cores |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+        "| ---: | ---: |",
+    ]
+    notes = []
+    for r in runs:
+        values = r.steady_values
+        share = r.mean_share
+        start, end = r.steady
+        full = "never" if r.full_seconds is None else f"{r.full_seconds:.1f}"
+        lines.append(
+            f"| {r.endpoints} | {r.slots} | {r.backlog} | {start:.1f}-{end:.1f} | {len(values)} "
+            f"| {statistics.fmean(values) if values else 0:.1f} "
+            f"| {'-' if share is None else f'{share:.3f}'} "
+            f"| {min(values, default=0)}-{max(values, default=0)} | {full} | {r.max_in_flight} "
+            f"| {r.succeeded} / {r.failed} | {r.succeeded / r.seconds:.1f} | {r.cpu_cores:.2f} |"
+        )
+        if r.timed_out:
+            notes.append(
+                f"{r.endpoints} endpoint(s): stopped at the {SATURATION_SECONDS:g} s bound."
+            )
+        if r.fallbacks:
+            notes.append(f"{r.endpoints} endpoint(s): {r.fallbacks} extractive fallbacks.")
+        notes.extend(f"{r.endpoints} endpoint(s): {note}" for note in r.notes)
+    verdict = [
+        f"{r.endpoints} endpoint(s): {r.mean_share:.3f} of the slots busy "
+        f"({'meets' if r.mean_share >= GOAL else 'below'} the goal of {GOAL})"
+        for r in runs
+        if r.mean_share is not None
+    ]
+    text = "\n".join(lines) + "\n\n" + "; ".join(verdict) + ".\n"
+    if notes:
+        text += "\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return text
+
+
+def markdown() -> str:
+    """Both measurements, run now, as markdown (tables and a one-line verdict)."""
+    overhead = measure_overhead()
+    runs = [measure_saturation(1), measure_saturation(2)]
+    return (
+        _overhead_markdown(overhead)
+        + "\n"
+        + f"Direct: `epicrisis.pipeline.summarize(bytes)` on {SAMPLE.name} "
+        f"({SAMPLE.stat().st_size / 1e6:.2f} MB), median of {len(overhead.direct_ms)}; "
+        f"server: `Summarize` over loopback gRPC, extractive backend, "
+        f"`embedded_concurrency=2`, up to {REQUESTS_PER_LEVEL} requests per level. Beyond "
+        "one caller the latency is mostly waiting in the queue: jobs/s is the figure to "
+        "compare with the direct calls per second.\n\n"
+        f"Saturation: {SLOTS}-slot TGI simulators (`SimulatorThread`, first token "
+        f"{FIRST_TOKEN_SECONDS:g} s, {TOKEN_SECONDS:g} s per token) behind the embedded "
+        "server with the LLM backend (`embedded_concurrency` = all slots), a backlog "
+        "submitted at once, `/__sim/state` sampled every "
+        f"{SAMPLE_SECONDS:g} s (more slowly when the event loop is busy), each run bounded "
+        f"to {SATURATION_SECONDS:g} s. The steady window runs from the backlog being queued "
+        "(or every slot first busy, if sooner) until fewer jobs than slots are left; an "
+        "empty window shows '-'. The simulators run in this process and share its GIL; "
+        "CPU cores is the process's CPU time over wall time.\n\n" + _saturation_markdown(runs)
+    )
+
+
+if __name__ == "__main__":
+    print(markdown())
