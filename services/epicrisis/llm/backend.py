@@ -127,19 +127,26 @@ async def llm_summary(
             seed=None if seed is None else seed + attempt, deadline=deadline, ledger=ledger
         )
         clock = time.monotonic()
-        verification = verify_answer(answer.result.text, answer.prompt, stay)
+        # CPU work off the event loop: it keeps the other generations' requests flowing.
+        verification = await asyncio.to_thread(
+            verify_answer, answer.result.text, answer.prompt, stay
+        )
         ledger.timings["verify"] += time.monotonic() - clock
         if verification.ok:
             ledger.timings["total"] = time.monotonic() - started
-            return build_summary(
-                stay, _prose(verification), _provenance(ledger, answer.prompt, verification)
+            return await asyncio.to_thread(
+                build_summary,
+                stay,
+                _prose(verification),
+                _provenance(ledger, answer.prompt, verification),
             )
         failed.append((verification, answer.result))
         log.info("LLM answer failed verification: %s", "; ".join(verification.problems[:5]))
     ledger.timings["total"] = time.monotonic() - started
     provenance = _fallback(ledger, answer.prompt, failed)
     log.warning("LLM prose replaced by the extractive fallback: %s", provenance.fallback_reason)
-    return build_summary(stay, extractive_prose(stay), provenance)
+    prose = await asyncio.to_thread(extractive_prose, stay)
+    return await asyncio.to_thread(build_summary, stay, prose, provenance)
 
 
 def summarize_stay_llm(stay: Stay, *, settings: Settings | None = None) -> DischargeSummary:
@@ -213,8 +220,8 @@ class _Call:
             prompt = self.prompts.get(budget)
             if prompt is None:
                 clock = time.monotonic()
-                prompt = build_messages(
-                    self.stay, tokenizer=self.tokenizer, max_input_tokens=budget
+                prompt = await asyncio.to_thread(
+                    build_messages, self.stay, tokenizer=self.tokenizer, max_input_tokens=budget
                 )
                 ledger.timings["prompt"] += time.monotonic() - clock
                 self.prompts[budget] = prompt
