@@ -99,7 +99,7 @@ class HFTokenizer:
 
 # Llama 3's pre-tokenizer, in Python ``re``: contractions, words with one leading non-letter,
 # digit groups of up to three, punctuation runs (with trailing newlines), newline runs, spaces.
-_PIECES = re.compile(
+LLAMA3_PIECES = re.compile(
     r"'(?:[sStTmMdD]|[rR][eE]|[vV][eE]|[lL][lL])"
     r"|[^\r\n\w]?[^\W\d_]+"
     r"|\d{1,3}"
@@ -119,7 +119,7 @@ class EstimateTokenizer:
 
     def count(self, text: str) -> int:
         total = 0
-        for piece in _PIECES.findall(text):
+        for piece in LLAMA3_PIECES.findall(text):
             total += _piece_tokens(piece)
         return total
 

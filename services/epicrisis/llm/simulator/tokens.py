@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from epicrisis.prompt.tokenizers import LLAMA3_PIECES
+
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
 EOT = "<|eot_id|>"
@@ -30,19 +32,9 @@ SPECIAL_IDS: dict[str, int] = {
     HEADER_END: 128007,
     EOT: 128009,
 }
+
 _VOCAB = 128000
 _SPECIAL = re.compile("|".join(re.escape(s) for s in SPECIAL_IDS))
-# Llama 3's pre-tokenizer, in Python ``re`` (contractions, words, digit triples, punctuation).
-_PIECES = re.compile(
-    r"'(?:[sStTmMdD]|[rR][eE]|[vV][eE]|[lL][lL])"
-    r"|[^\r\n\w]?[^\W\d_]+"
-    r"|\d{1,3}"
-    r"| ?[^\s\w]+[\r\n]*"
-    r"|\s*[\r\n]+"
-    r"|\s+(?!\S)"
-    r"|\s+"
-    r"|_+"
-)
 _LONG_WORD = 7  # letters per token beyond which a word is cut (Llama 3 merges most words whole)
 _LONG_OTHER = 3  # symbols per token in punctuation runs
 
@@ -102,7 +94,7 @@ def _rule_tokens(text: str) -> tuple[SimToken, ...]:
 
 def _ordinary(text: str, start: int, stop: int) -> list[SimToken]:
     out: list[SimToken] = []
-    for match in _PIECES.finditer(text, start, stop):
+    for match in LLAMA3_PIECES.finditer(text, start, stop):
         piece, offset = match.group(), match.start()
         size = _LONG_OTHER if not any(ch.isalpha() for ch in piece) else _LONG_WORD
         if piece.isspace() or piece.isdigit():
