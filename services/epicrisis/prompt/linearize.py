@@ -159,6 +159,16 @@ def neutralize(text: str) -> str:
     return _FENCE_RUN.sub(lambda m: " ".join(m.group()), text)
 
 
+QUOTE_OPEN, QUOTE_CLOSE = "\u00ab", "\u00bb"  # « »: free text quoted inline, as data
+
+
+def quoted(text: str) -> str:
+    """Free text on one line (a report conclusion), quoted so it reads as data; quote marks
+    inside it are replaced, so it can never close its own quote."""
+    inner = clean(text).replace(QUOTE_OPEN, '"').replace(QUOTE_CLOSE, '"')
+    return f"{QUOTE_OPEN}{inner}{QUOTE_CLOSE}"
+
+
 def clean(text: str | None) -> str:
     """A label fit for one line: single-spaced, no control characters, no fence markers."""
     if not text:
@@ -619,6 +629,7 @@ class _Builder:
                 conclusion = clean(report.conclusion)
                 if len(conclusion) > CONCLUSION_MAX_CHARS:
                     conclusion = conclusion[:CONCLUSION_MAX_CHARS].rstrip() + " [truncated]"
+                conclusion = quoted(conclusion)
                 # Panels restate results the labs section already shows: imaging and other
                 # reports without results of their own come first.
                 if report.result_refs:
