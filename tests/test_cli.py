@@ -205,6 +205,15 @@ def test_serve_embedded_answers_over_grpc_and_drains_on_sigterm() -> None:
                 stub = pb_grpc.DischargeSummarizerStub(channel)
                 job = stub.Summarize(pb.SubmitRequest(bundle=sample), timeout=60)
             assert job.state == pb.JOB_STATE_SUCCEEDED
+            taken = subprocess.run(
+                [str(EPICRISIS), "serve", "--embedded"],
+                env={**env, "EPICRISIS_GRPC_PORT": match.group(1)},
+                capture_output=True,
+                timeout=60,
+                check=False,
+            )
+            assert taken.returncode == 3
+            assert_one_clean_line(taken, "could not listen")
         finally:
             server.send_signal(signal.SIGTERM)
             assert server.wait(timeout=30) == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from importlib import resources
@@ -19,6 +20,9 @@ EXIT_INTERNAL = 70  # EX_SOFTWARE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # gRPC's C core writes its own lines to stderr (e.g. a second line for a taken port),
+    # which would break the one-line contract; GRPC_VERBOSITY set by the operator wins.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     parser = _parser()
     # tgi-sim's flags are parsed by the simulator itself, so other commands never import it.
     args, extra = parser.parse_known_args(argv)

@@ -1,14 +1,16 @@
 """The gRPC server: the service, standard health checking and reflection, graceful drain.
 
 ``create_server(address, ...)`` binds and returns ``(server, port)`` so tests bind
-``127.0.0.1:0``. :func:`run_embedded` is ``epicrisis serve --embedded``: the server and an
-in-process worker, no Redis, stopped by SIGINT/SIGTERM after draining in-flight calls.
+``127.0.0.1:0``. :func:`run_server` is ``epicrisis serve [--embedded]``: the server with an
+in-process worker, or queueing to Celery on Redis; stopped by SIGINT/SIGTERM after draining
+in-flight calls.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +38,11 @@ def create_server(
 ) -> tuple[grpc.aio.Server, int]:
     size = max_bundle_bytes + MESSAGE_OVERHEAD
     server = grpc.aio.server(
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size)]
+        options=[
+            ("grpc.max_receive_message_length", size),
+            ("grpc.max_send_message_length", size),
+            ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
+        ]
     )
     pb_grpc.add_DischargeSummarizerServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -48,9 +54,12 @@ def create_server(
         ),
         server,
     )
-    port = server.add_insecure_port(address)
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError:  # grpc's word for a bind failure
+        port = 0
     if port == 0:
-        raise OSError(f"could not bind {address}")
+        raise OSError(errno.EADDRINUSE, f"could not listen on {address} (address in use?)")
     return server, port
 
 
