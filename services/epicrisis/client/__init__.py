@@ -23,12 +23,12 @@ from epicrisis.client.errors import (
 from epicrisis.client.model import (
     JobError,
     JobResult,
-    JobState,
     Progress,
     job_from_message,
     summary_from_message,
 )
 from epicrisis.client.sync import Client
+from epicrisis.serving.jobs import JobState
 
 __all__ = [
     "AsyncClient",

@@ -28,7 +28,8 @@ import orjson
 from epicrisis.client._core import BackendName, PriorityName, RetryPolicy
 from epicrisis.client.aio import AsyncClient
 from epicrisis.client.errors import ClientError
-from epicrisis.client.model import JobResult, JobState
+from epicrisis.client.model import JobResult
+from epicrisis.serving.jobs import JobState
 
 SUFFIXES = {"json": ".json", "fhir": ".fhir.json", "text": ".txt"}
 ERROR_SUFFIX = ".error.txt"

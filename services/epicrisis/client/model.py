@@ -10,13 +10,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from enum import StrEnum
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from pydantic import ValidationError
 
 from epicrisis.client.errors import ClientError
 from epicrisis.fhir.bundle import DataWarning
+from epicrisis.serving.convert import STATES
+from epicrisis.serving.jobs import FINAL, JobFailure, JobState
 from epicrisis.summary.model import (
     Code,
     DischargeSummary,
@@ -30,24 +31,9 @@ from epicrisis.summary.model import (
 )
 from epicrisis.v1 import summarizer_pb2 as pb
 
-
-class JobState(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-FINAL_STATES = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
-
-_STATES = {
-    pb.JOB_STATE_QUEUED: JobState.QUEUED,
-    pb.JOB_STATE_RUNNING: JobState.RUNNING,
-    pb.JOB_STATE_SUCCEEDED: JobState.SUCCEEDED,
-    pb.JOB_STATE_FAILED: JobState.FAILED,
-    pb.JOB_STATE_CANCELLED: JobState.CANCELLED,
-}
+# The server's own state names and failure record: one definition on both sides.
+JobError = JobFailure
+_STATES = {message: state for state, message in STATES.items()}
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,15 +42,6 @@ class Progress:
 
     stage: str
     fraction: float
-
-
-@dataclass(frozen=True, slots=True)
-class JobError:
-    """Why a job FAILED: a stable code, one PHI-free line, and whether a retry may help."""
-
-    code: str
-    message: str
-    retryable: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +61,7 @@ class JobResult:
     @property
     def final(self) -> bool:
         """True once the job will not change any more."""
-        return self.state in FINAL_STATES
+        return self.state in FINAL
 
 
 def job_from_message(job: pb.Job) -> JobResult:
