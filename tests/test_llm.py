@@ -56,12 +56,12 @@ from epicrisis.pipeline import load_stay
 from epicrisis.prompt import ANSWER_SCHEMA, OUTPUT_RESERVE_TOKENS
 from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
+from sim_control import CHAT, chat_counts, set_faults, sim_state
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "services" / "epicrisis" / "samples" / "sample-stay.json"
 DEATH = ROOT / "tests" / "fixtures" / "death-in-hospital.json"
 FAST = RetryPolicy(max_attempts=6, total_seconds=30.0, base_seconds=0.01, max_backoff_seconds=0.1)
-CHAT = "/v1/chat/completions"
 
 
 # -- plumbing ---------------------------------------------------------------------------
@@ -98,23 +98,6 @@ def sample_bundle() -> bytes:
 @pytest.fixture(scope="module")
 def sample(sample_bundle: bytes) -> Stay:
     return load_stay(sample_bundle)
-
-
-def faults(sim: SimulatorThread, body: dict[str, Any]) -> dict[str, Any]:
-    response = httpx2.post(sim.base_url + "/__sim/faults", json=body, timeout=10)
-    assert response.status_code == 200, response.text
-    state: dict[str, Any] = response.json()
-    return state
-
-
-def sim_state(sim: SimulatorThread) -> dict[str, Any]:
-    body: dict[str, Any] = httpx2.get(sim.base_url + "/__sim/state", timeout=10).json()
-    return body
-
-
-def chat_counts(sim: SimulatorThread) -> dict[str, int]:
-    counts: dict[str, int] = sim_state(sim)["counters"]["requests"].get(CHAT, {})
-    return counts
 
 
 def pool_for(*urls: str, **options: Any) -> EndpointPool:
@@ -231,7 +214,7 @@ def test_prompt_budget_follows_the_endpoint_info(
     assert not summary.provenance.fallback
     # 4096 - 1536 leaves 2,560 tokens: the sample's 5,700-token prompt must be cut, and say so
     assert summary.provenance.omitted and all(o.count > 0 for o in summary.provenance.omitted)
-    assert chat_counts(sim) == {"200": 1}  # never a 422 for length
+    assert chat_counts(sim.base_url) == {"200": 1}  # never a 422 for length
     with pytest.raises(ConfigurationError, match="leaves no room"):
         summarize(sample, sim.base_url, max_output_tokens=4096)
 
@@ -241,10 +224,10 @@ def test_prompt_budget_follows_the_endpoint_info(
 
 def test_overloaded_is_retried(start: Callable[..., SimulatorThread], sample: Stay) -> None:
     sim = start()
-    faults(sim, {"overloaded": {"next": 2}})
+    set_faults(sim.base_url, {"overloaded": {"next": 2}})
     summary, stats, _ = summarize(sample, sim.base_url)
     assert not summary.provenance.fallback
-    assert chat_counts(sim) == {"200": 1, "429": 2}
+    assert chat_counts(sim.base_url) == {"200": 1, "429": 2}
     assert stats[0].failures == {"overloaded": 2} and stats[0].healthy
 
 
@@ -252,10 +235,10 @@ def test_unhealthy_endpoint_is_probed_back(
     start: Callable[..., SimulatorThread], sample: Stay
 ) -> None:
     sim = start()
-    faults(sim, {"overloaded": {"next": 1}, "unhealthy": {"next": 2}})
+    set_faults(sim.base_url, {"overloaded": {"next": 1}, "unhealthy": {"next": 2}})
     summary, stats, _ = summarize(sample, sim.base_url)
     assert not summary.provenance.fallback
-    counters = sim_state(sim)["counters"]["requests"]
+    counters = sim_state(sim.base_url)["counters"]["requests"]
     assert counters["/health"] == {"200": 1, "503": 2}  # ejected until /health said 200
     assert counters[CHAT] == {"200": 1, "429": 1}
     assert stats[0].failures == {"overloaded": 1, "unavailable": 2}
@@ -265,35 +248,35 @@ def test_refused_connection_while_loading_is_retried(
     start: Callable[..., SimulatorThread], sample: Stay
 ) -> None:
     sim = start(loading_seconds=1.0)
-    faults(sim, {"reload": 1.0})
+    set_faults(sim.base_url, {"reload": 1.0})
     wait_until(lambda: refused(sim.base_url), "the reload to close the port")
     summary, stats, _ = summarize(sample, sim.base_url)
     assert not summary.provenance.fallback
     assert stats[0].failures.get("unavailable", 0) >= 1
-    assert chat_counts(sim) == {"200": 1}
+    assert chat_counts(sim.base_url) == {"200": 1}
 
 
 def test_generation_failure_is_retried_once(
     start: Callable[..., SimulatorThread], sample: Stay
 ) -> None:
     sim = start()
-    faults(sim, {"incomplete": {"next": 1}})
+    set_faults(sim.base_url, {"incomplete": {"next": 1}})
     summary, _, _ = summarize(sample, sim.base_url)
     assert not summary.provenance.fallback
-    assert chat_counts(sim) == {"200": 1, "500": 1}
+    assert chat_counts(sim.base_url) == {"200": 1, "500": 1}
 
-    faults(sim, {"generation": {"next": 2}, "reset_counters": True})
+    set_faults(sim.base_url, {"generation": {"next": 2}, "reset_counters": True})
     with pytest.raises(BackendGenerationError) as caught:
         summarize(sample, sim.base_url)
     assert caught.value.status == 424 and caught.value.error_type == "generation"
-    assert chat_counts(sim) == {"424": 2}  # one retry, not more
+    assert chat_counts(sim.base_url) == {"424": 2}  # one retry, not more
 
 
 def test_rejected_request_is_raised_at_once(
     start: Callable[..., SimulatorThread], sample: Stay
 ) -> None:
     sim = start()
-    faults(sim, {"validation": {"next": 1}})
+    set_faults(sim.base_url, {"validation": {"next": 1}})
     with pytest.raises(BackendRejectedError) as caught:
         summarize(sample, sim.base_url)
     error = caught.value
@@ -301,18 +284,18 @@ def test_rejected_request_is_raised_at_once(
     assert error.endpoint == 0
     assert error.parameters == ("inputs", "max_new_tokens")  # named, not quoted
     assert "Input validation error" not in str(error) and "Given" not in str(error)
-    assert chat_counts(sim) == {"422": 1}
+    assert chat_counts(sim.base_url) == {"422": 1}
 
 
 def test_retries_stop_at_the_attempt_bound(
     start: Callable[..., SimulatorThread], sample: Stay
 ) -> None:
     sim = start()
-    faults(sim, {"overloaded": {"probability": 1.0}})
+    set_faults(sim.base_url, {"overloaded": {"probability": 1.0}})
     with pytest.raises(BackendOverloadedError) as caught:
         summarize(sample, sim.base_url)
     assert caught.value.retryable and caught.value.status == 429
-    assert chat_counts(sim) == {"429": FAST.max_attempts}
+    assert chat_counts(sim.base_url) == {"429": FAST.max_attempts}
 
 
 # -- answers that fail verification: one retry, then the flagged fallback ---------------
@@ -330,7 +313,7 @@ def test_bad_answers_fall_back_after_one_retry(
     start: Callable[..., SimulatorThread], sample: Stay, kind: str, rules: set[str]
 ) -> None:
     sim = start()
-    faults(sim, {kind: {"next": 2}})
+    set_faults(sim.base_url, {kind: {"next": 2}})
     summary, _, _ = summarize(sample, sim.base_url)
     prov = summary.provenance
     assert prov.fallback and prov.backend == "llm" and prov.generator == EXTRACTIVE_GENERATOR
@@ -339,8 +322,8 @@ def test_bad_answers_fall_back_after_one_retry(
     assert reason.startswith("the LLM answer failed verification 2 times (rules: ")
     named = set(reason.split("(rules: ")[1].rstrip(")").split(", "))
     assert named and named <= rules
-    assert chat_counts(sim) == {"200": 2}  # the first answer and its one retry
-    assert sim_state(sim)["fired"][kind] == 2
+    assert chat_counts(sim.base_url) == {"200": 2}  # the first answer and its one retry
+    assert sim_state(sim.base_url)["fired"][kind] == 2
     course = summary.section("hospital_course")
     assert course is not None and course.narrative  # the extractive prose, cited
     assert all(s.sources for s in course.narrative)
@@ -350,10 +333,10 @@ def test_a_bad_answer_then_a_good_one_is_not_a_fallback(
     start: Callable[..., SimulatorThread], sample: Stay, sample_bundle: bytes
 ) -> None:
     sim = start()
-    faults(sim, {"unverifiable": {"next": 1}})
+    set_faults(sim.base_url, {"unverifiable": {"next": 1}})
     summary, _, _ = summarize(sample, sim.base_url, seed=41)
     assert_verified_llm(summary, sample_bundle)
-    assert chat_counts(sim) == {"200": 2}
+    assert chat_counts(sim.base_url) == {"200": 2}
 
 
 # -- several endpoints ------------------------------------------------------------------
@@ -363,7 +346,7 @@ def test_one_endpoint_down_moves_traffic_to_the_other(
     start: Callable[..., SimulatorThread], sample: Stay, sample_bundle: bytes
 ) -> None:
     down, up = start(loading_seconds=60.0), start()
-    faults(down, {"reload": 60.0})
+    set_faults(down.base_url, {"reload": 60.0})
     wait_until(lambda: refused(down.base_url), "the endpoint to go down")
     count = 4
 
@@ -377,7 +360,7 @@ def test_one_endpoint_down_moves_traffic_to_the_other(
     summaries, stats = asyncio.run(run())
     for summary in summaries:
         assert_verified_llm(summary, sample_bundle)
-    assert chat_counts(up) == {"200": count}
+    assert chat_counts(up.base_url) == {"200": count}
     assert not stats[0].healthy and stats[0].failures.get("unavailable", 0) >= 1
     assert stats[0].requests == 0  # it never held a generation
     assert stats[1].healthy and stats[1].requests == count and stats[1].failures == {}
@@ -403,7 +386,7 @@ def test_pool_keeps_the_endpoint_limit_in_flight(
     summaries, stats, clients = asyncio.run(run())
     for summary in summaries:
         assert_verified_llm(summary, sample_bundle)
-    counters = sim_state(sim)["counters"]
+    counters = sim_state(sim.base_url)["counters"]
     assert counters["max_in_flight"] == limit  # kept full, never past it (no 429)
     assert counters["requests"][CHAT] == {"200": backlog}
     assert stats[0].limit == limit and stats[0].in_flight == 0

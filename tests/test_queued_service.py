@@ -1,19 +1,27 @@
 """The queued deployment as separate processes on loopback: redis-server, ``epicrisis
-worker`` (Celery), ``epicrisis serve`` (gRPC) and ``epicrisis tgi-sim`` (the model)."""
+worker`` (Celery), ``epicrisis serve`` (gRPC) and ``epicrisis tgi-sim`` (the model).
+
+Faults are set on the running simulators through their control routes; what happened is read
+from the jobs and from the simulators' counters. No test asserts a timing: waits are bounds
+against hanging.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -26,17 +34,52 @@ from epicrisis.serving.crypto import new_key_text
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 from redis_server import redis_server
+from sim_control import CHAT, chat_counts, set_faults, sim_state
 
 EPICRISIS = Path(sys.executable).parent / "epicrisis"
 SAMPLE = resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fhir"
 WAIT_SECONDS = 60
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+LLM = pb.SummaryOptions(backend=pb.BACKEND_LLM)
 
 
 @dataclass
 class Deployment:
     target: str
     env: dict[str, str]
+    sims: list[str]  # base URLs of the simulators the worker uses
+    worker_log: Path
+    workers: list[subprocess.Popen[str]]
+
+    def stub(self) -> tuple[grpc.Channel, pb_grpc.DischargeSummarizerStub]:
+        channel = grpc.insecure_channel(self.target)
+        return channel, pb_grpc.DischargeSummarizerStub(channel)
+
+    def summarize(self, bundle: bytes = SAMPLE, options: pb.SummaryOptions = LLM) -> pb.Job:
+        channel, stub = self.stub()
+        with channel:
+            job: pb.Job = stub.Summarize(
+                pb.SubmitRequest(bundle=bundle, options=options), timeout=WAIT_SECONDS
+            )
+            return job
+
+    def start_worker(self, *args: str) -> subprocess.Popen[str]:
+        with self.worker_log.open("a") as sink:
+            worker = subprocess.Popen(
+                [str(EPICRISIS), "worker", *args],
+                env=self.env, stdout=sink, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+        self.workers.append(worker)
+        deadline = time.monotonic() + WAIT_SECONDS
+        while self.worker_log.read_text(errors="replace").count(" ready.") < len(self.workers):
+            assert worker.poll() is None and time.monotonic() < deadline, self.log_tail()
+            time.sleep(0.05)
+        return worker
+
+    def log_tail(self) -> str:
+        return self.worker_log.read_text(errors="replace")[-4000:]
 
 
 def _banner_port(process: subprocess.Popen[str], pattern: str) -> str:
@@ -48,6 +91,8 @@ def _banner_port(process: subprocess.Popen[str], pattern: str) -> str:
 
 
 def _stop(process: subprocess.Popen[str]) -> int:
+    if process.poll() is not None:
+        return process.returncode
     process.send_signal(signal.SIGTERM)
     try:
         return process.wait(timeout=30)
@@ -60,74 +105,122 @@ def _stop(process: subprocess.Popen[str]) -> int:
             process.stderr.close()
 
 
-@pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
+def _start_sim(stack: contextlib.ExitStack, *args: str) -> str:
+    sim = subprocess.Popen(
+        [str(EPICRISIS), "tgi-sim", "--port", "0", *args], stderr=subprocess.PIPE, text=True
+    )
+    stack.callback(_stop, sim)
+    port = _banner_port(sim, r"http://127\.0\.0\.1:(\d+)")
+    return f"http://127.0.0.1:{port}"
+
+
+def _closed_port_url() -> str:
+    """A loopback URL nothing listens on: a connection there is refused."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{probe.getsockname()[1]}"
+
+
+@contextlib.contextmanager
+def deployed(
+    tmp: Path,
+    *,
+    sims: int = 1,
+    sim_args: Sequence[str] = (),
+    dead_endpoints: int = 0,
+    worker_args: Sequence[str] = ("--concurrency", "8"),
+) -> Iterator[Deployment]:
+    """Redis, ``sims`` simulators (plus ``dead_endpoints`` URLs that refuse connections), one
+    worker and the server; stopped in reverse order, each required to exit cleanly."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("EPICRISIS_")}
-    with redis_server() as redis:
-        sim = subprocess.Popen(
-            [str(EPICRISIS), "tgi-sim", "--port", "0"], stderr=subprocess.PIPE, text=True
-        )
-        sim_port = _banner_port(sim, r"http://127\.0\.0\.1:(\d+)")
+    with redis_server() as redis, contextlib.ExitStack() as stack:
+        urls = [_start_sim(stack, *sim_args) for _ in range(sims)]
         env = base | {
             "EPICRISIS_REDIS_URL": redis.url,
             "EPICRISIS_ENCRYPTION_KEY": new_key_text(),
-            "EPICRISIS_LLM_URLS": f"http://127.0.0.1:{sim_port}",
+            "EPICRISIS_LLM_URLS": ",".join(urls + [_closed_port_url()] * dead_endpoints),
             "EPICRISIS_GRPC_PORT": "0",
+            "EPICRISIS_WORKER_HEARTBEAT_SECONDS": "0.5",
+            "EPICRISIS_JOB_RETRY_BACKOFF_MAX_SECONDS": "4",
         }
-        with log.open("w") as sink:
-            worker = subprocess.Popen(
-                [str(EPICRISIS), "worker", "--concurrency", "8"],
-                env=env, stdout=sink, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
-        deadline = time.monotonic() + WAIT_SECONDS
-        while " ready." not in log.read_text(errors="replace"):
-            assert worker.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+        deployment = Deployment("", env, urls, tmp / "worker.log", [])
+
+        def stop_workers() -> None:
+            for worker in deployment.workers:
+                assert _stop(worker) == 0, deployment.log_tail()
+
+        stack.callback(stop_workers)
+        deployment.start_worker(*worker_args)
         server = subprocess.Popen(
             [str(EPICRISIS), "serve"], env=env, stderr=subprocess.PIPE, text=True
         )
-        try:
-            port = _banner_port(server, r"127\.0\.0\.1:(\d+)")
-            yield Deployment(f"127.0.0.1:{port}", env)
-        finally:
-            assert _stop(server) == 0
-            assert _stop(worker) == 0, log.read_text()[-3000:]
-            _stop(sim)
+        stack.callback(lambda: _stop(server) == 0 or pytest.fail("the server did not exit 0"))
+        port = _banner_port(server, r"127\.0\.0\.1:(\d+)")
+        deployment.target = f"127.0.0.1:{port}"
+        yield deployment
 
 
-def _stub(target: str) -> tuple[grpc.Channel, pb_grpc.DischargeSummarizerStub]:
-    channel = grpc.insecure_channel(target)
-    return channel, pb_grpc.DischargeSummarizerStub(channel)
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    """Two simulators behind one worker: the deployment the tests below share."""
+    with deployed(tmp_path_factory.mktemp("queued"), sims=2) as running:
+        yield running
 
 
-def test_health_reports_serving(deployment: Deployment) -> None:
-    with grpc.insecure_channel(deployment.target) as channel:
+@pytest.fixture
+def sims(deployment: Deployment) -> Iterator[list[str]]:
+    """The shared simulators, with no fault in force and fresh counters, before and after."""
+    clean = {"clear": True, "reset_counters": True}
+    for url in deployment.sims:
+        set_faults(url, clean)
+    yield deployment.sims
+    for url in deployment.sims:
+        set_faults(url, {"clear": True})
+
+
+def health_becomes(target: str, wanted: int, limit: float = 30.0) -> int:
+    """The status once it is ``wanted``, or the last one seen when ``limit`` runs out (the
+    server re-checks every 2 s, the workers report every 0.5 s here)."""
+    seen = -1
+    deadline = time.monotonic() + limit
+    with grpc.insecure_channel(target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        deadline = time.monotonic() + 10
-        status = None
         while time.monotonic() < deadline:
-            status = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
-            if status == health_pb2.HealthCheckResponse.SERVING:
+            seen = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+            if seen == wanted:
                 break
             time.sleep(0.2)
-        assert status == health_pb2.HealthCheckResponse.SERVING
+    return seen
 
 
-def test_the_sample_is_summarized_by_the_model_through_the_queue(deployment: Deployment) -> None:
-    channel, stub = _stub(deployment.target)
-    with channel:
-        request = pb.SubmitRequest(bundle=SAMPLE, options=pb.SummaryOptions(backend=pb.BACKEND_LLM))
-        job = stub.Summarize(request, timeout=WAIT_SECONDS)
+def fired(urls: Sequence[str], kind: str) -> int:
+    return sum(sim_state(url)["fired"][kind] for url in urls)
+
+
+def assert_llm_success(job: pb.Job, *, fallback: bool = False) -> None:
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
     assert job.summary.provenance.backend == "llm"
-    assert not job.summary.provenance.fallback
-    assert job.summary.provenance.model == "m42-health/Llama3-Med42-70B"
+    assert job.summary.provenance.fallback is fallback
     Bundle.model_validate_json(job.fhir_document)
 
 
+# -- the happy path -----------------------------------------------------------------------
+
+
+def test_health_reports_serving(deployment: Deployment) -> None:
+    assert health_becomes(deployment.target, SERVING) == SERVING
+
+
+def test_the_sample_is_summarized_by_the_model_through_the_queue(
+    deployment: Deployment, sims: list[str]
+) -> None:
+    job = deployment.summarize()
+    assert_llm_success(job)
+    assert job.summary.provenance.model == "m42-health/Llama3-Med42-70B"
+
+
 def test_bad_input_is_refused_before_anything_is_queued(deployment: Deployment) -> None:
-    channel, stub = _stub(deployment.target)
+    channel, stub = deployment.stub()
     with channel, pytest.raises(grpc.RpcError) as raised:
         stub.Submit(pb.SubmitRequest(bundle=b'{"resourceType": "Patient"}'), timeout=10)
     assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -149,25 +242,17 @@ def _inpatient_bundles() -> list[Path]:
 @pytest.mark.corpus
 @pytest.mark.skipif(not CORPUS.is_dir(), reason="shared corpus not found at ../shared/data/fhir")
 def test_every_inpatient_stay_of_the_corpus_through_grpc_with_the_model(
-    deployment: Deployment,
+    deployment: Deployment, sims: list[str]
 ) -> None:
     bundles = _inpatient_bundles()
     assert len(bundles) >= 39
-    channel, stub = _stub(deployment.target)
-
-    def one(path: Path) -> pb.Job:
-        request = pb.SubmitRequest(
-            bundle=path.read_bytes(),
-            options=pb.SummaryOptions(backend=pb.BACKEND_LLM, priority=pb.PRIORITY_BATCH),
-        )
-        return stub.Summarize(request, timeout=WAIT_SECONDS * 3)
-
-    with channel, ThreadPoolExecutor(8) as pool:
-        jobs = list(pool.map(one, bundles))
+    batch = pb.SummaryOptions(backend=pb.BACKEND_LLM, priority=pb.PRIORITY_BATCH)
+    with ThreadPoolExecutor(8) as pool:
+        jobs = list(pool.map(lambda p: deployment.summarize(p.read_bytes(), batch), bundles))
     for path, job in zip(bundles, jobs, strict=True):
         assert job.state == pb.JOB_STATE_SUCCEEDED, (path.name, job.error)
-        assert job.summary.provenance.backend == "llm" and not job.summary.provenance.fallback
-        Bundle.model_validate_json(job.fhir_document)
+        assert_llm_success(job)
+    assert all(chat_counts(url).get("200", 0) > 0 for url in sims)  # both endpoints worked
 
 
 def test_the_queued_server_refuses_to_start_without_its_key(deployment: Deployment) -> None:
@@ -177,3 +262,113 @@ def test_the_queued_server_refuses_to_start_without_its_key(deployment: Deployme
     )
     assert result.returncode == 3
     assert result.stderr.count("\n") == 1 and "EPICRISIS_ENCRYPTION_KEY" in result.stderr
+
+
+# -- model faults, end to end ----------------------------------------------------------------
+
+
+def test_overloaded_endpoints_are_retried_until_the_job_succeeds(
+    deployment: Deployment, sims: list[str]
+) -> None:
+    for url in sims:
+        set_faults(url, {"overloaded": {"next": 2}})
+    assert_llm_success(deployment.summarize())
+    assert fired(sims, "overloaded") >= 2  # 429s were met, and the job still succeeded
+
+
+def test_refused_connections_and_unhealthy_endpoints_are_retried_until_the_job_succeeds(
+    deployment: Deployment, sims: list[str]
+) -> None:
+    for url in sims:  # TGI reloading: connections refused, then /health 503, then back
+        set_faults(url, {"reload": 1.5, "unhealthy": {"next": 3}})
+    assert_llm_success(deployment.summarize())
+    assert fired(sims, "unhealthy") >= 1
+
+
+@pytest.mark.parametrize("kind", ["off_schema", "unverifiable", "malformed"])
+def test_a_bad_answer_ends_in_a_flagged_fallback(
+    deployment: Deployment, sims: list[str], kind: str
+) -> None:
+    for url in sims:
+        set_faults(url, {kind: {"probability": 1.0}})
+    job = deployment.summarize()
+    assert_llm_success(job, fallback=True)
+    assert fired(sims, kind) == 2  # the answer and its one retry
+    course = next(s for s in job.summary.sections if s.key == "hospital_course")
+    assert course.narrative  # the extractive prose stands in
+
+
+def test_a_rejected_request_fails_the_job_with_its_reason(
+    deployment: Deployment, sims: list[str]
+) -> None:
+    for url in sims:
+        set_faults(url, {"validation": {"probability": 1.0}})
+    job = deployment.summarize()
+    assert job.state == pb.JOB_STATE_FAILED and not job.HasField("summary")
+    assert job.error.message and not job.error.retryable
+    assert fired(sims, "validation") == 1  # a 422 is not retried
+
+
+# -- deployments of their own ---------------------------------------------------------------
+
+
+def test_one_endpoint_refusing_connections_moves_all_traffic_to_the_other(
+    tmp_path: Path,
+) -> None:
+    with deployed(tmp_path, sims=1, dead_endpoints=1) as running:
+        assert health_becomes(running.target, SERVING) == SERVING  # one endpoint is enough
+        with ThreadPoolExecutor(6) as pool:
+            jobs = list(pool.map(lambda _: running.summarize(), range(6)))
+        for job in jobs:
+            assert_llm_success(job)
+        assert chat_counts(running.sims[0]) == {"200": 6}
+
+
+def test_health_follows_the_workers_and_their_endpoints(tmp_path: Path) -> None:
+    with deployed(tmp_path) as running:
+        seen: dict[str, int] = {"start": health_becomes(running.target, SERVING)}
+        set_faults(running.sims[0], {"reload": 5.0})  # the only endpoint refuses connections
+        seen["endpoint down"] = health_becomes(running.target, NOT_SERVING)
+        seen["endpoint back"] = health_becomes(running.target, SERVING)
+        assert _stop(running.workers.pop()) == 0  # the only worker leaves
+        seen["no worker"] = health_becomes(running.target, NOT_SERVING)
+        running.start_worker("--concurrency", "2")
+        seen["worker back"] = health_becomes(running.target, SERVING)
+        assert_llm_success(running.summarize())
+    assert seen == {
+        "start": SERVING,
+        "endpoint down": NOT_SERVING,
+        "endpoint back": SERVING,
+        "no worker": NOT_SERVING,
+        "worker back": SERVING,
+    }
+
+
+def test_one_worker_keeps_the_endpoints_limit_of_generations_in_flight(tmp_path: Path) -> None:
+    """No --concurrency: the worker sizes itself from /info (6 slots, and 2 to spare) and
+    keeps all 6 busy under a backlog, never past them (no 429)."""
+    limit, backlog = 6, 24
+    sim_args = ("--max-concurrent-requests", str(limit), "--first-token-latency", "1.0")
+    with deployed(tmp_path, sim_args=sim_args, worker_args=()) as running:
+        channel, stub = running.stub()
+        batch = pb.SummaryOptions(backend=pb.BACKEND_LLM, priority=pb.PRIORITY_BATCH)
+        with channel:
+            ids = [
+                stub.Submit(pb.SubmitRequest(bundle=SAMPLE, options=batch), timeout=10).id
+                for _ in range(backlog)
+            ]
+            finals = [_final(stub, job_id) for job_id in ids]
+        counters: dict[str, Any] = sim_state(running.sims[0])["counters"]
+        banner = running.worker_log.read_text(errors="replace")
+    assert all(job.state == pb.JOB_STATE_SUCCEEDED for job in finals)
+    assert re.search(rf"concurrency:\s+{limit + 2} \(thread\)", banner), banner[:3000]
+    assert counters["max_in_flight"] == limit
+    assert counters["requests"][CHAT] == {"200": backlog}  # never a 429
+
+
+def _final(stub: pb_grpc.DischargeSummarizerStub, job_id: str) -> pb.Job:
+    for job in stub.WatchJob(pb.WatchJobRequest(id=job_id), timeout=WAIT_SECONDS * 2):
+        if job.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED):
+            final: pb.Job = job
+            return final
+    raise AssertionError("a watch ends with a final state")

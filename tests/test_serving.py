@@ -26,6 +26,7 @@ from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
+from sim_control import set_faults
 
 SAMPLE = resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -287,18 +288,6 @@ async def api_with_model(
         yield pb_grpc.DischargeSummarizerStub(channel), channel
 
 
-def _set_faults(base_url: str, faults: dict[str, Any]) -> None:
-    import urllib.request
-
-    request = urllib.request.Request(
-        base_url + "/__sim/faults",
-        data=json.dumps(faults).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        assert answer.status == 200
-
-
 def test_the_model_writes_the_prose_and_a_rejected_request_fails_the_job_with_its_reason() -> None:
     from epicrisis.llm.simulator import SimulatorConfig, SimulatorThread
 
@@ -307,7 +296,7 @@ def test_the_model_writes_the_prose_and_a_rejected_request_fails_the_job_with_it
         async def scenario() -> tuple[pb.Job, pb.Job]:
             async with api_with_model(sim.base_url) as (stub, _):
                 good = await stub.Summarize(pb.SubmitRequest(bundle=SAMPLE), timeout=60)
-                _set_faults(sim.base_url, {"validation": {"next": 10}})
+                set_faults(sim.base_url, {"validation": {"next": 10}})
                 rejected = await stub.Summarize(pb.SubmitRequest(bundle=SAMPLE), timeout=60)
                 return good, rejected
 
@@ -335,7 +324,7 @@ def test_health_is_not_serving_while_no_model_endpoint_is_healthy() -> None:
         async def scenario() -> tuple[int, int]:
             async with api_with_model(sim.base_url) as (_, channel):
                 serving = await status(channel, health_pb2.HealthCheckResponse.SERVING)
-                _set_faults(sim.base_url, {"unhealthy": {"probability": 1.0}})
+                set_faults(sim.base_url, {"unhealthy": {"probability": 1.0}})
                 down = await status(channel, health_pb2.HealthCheckResponse.NOT_SERVING)
                 return serving, down
 

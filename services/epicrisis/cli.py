@@ -155,14 +155,16 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
-    from epicrisis.serving.queue import app
+    from epicrisis.config import get_settings
+    from epicrisis.serving.queue import app, worker_concurrency
 
+    concurrency = args.concurrency or worker_concurrency(get_settings())
     app.worker_main(
         [
             "worker",
             "--queues=interactive,batch",  # interactive first: see epicrisis.serving.queue
-            f"--pool={args.pool}",
-            f"--concurrency={args.concurrency}",
+            "--pool=threads",  # the threads hand their jobs to one event loop
+            f"--concurrency={concurrency}",
             "--loglevel=INFO",
             "--without-gossip",
             "--without-mingle",
@@ -231,18 +233,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.set_defaults(run=_serve)
 
+    from epicrisis.client.bulk import add_submit_arguments, positive_int
+
     worker = commands.add_parser("worker", help="run a Celery worker for the queued jobs")
     worker.add_argument(
         "--concurrency",
-        type=int,
-        default=16,
+        type=positive_int,
         metavar="N",
-        help="jobs in flight at once (threads; each holds one generation open)",
+        help="jobs held at once (default: the LLM endpoints' in-flight limits from /info and "
+        "an eighth more; without an LLM, one per CPU)",
     )
-    worker.add_argument("--pool", choices=("threads", "prefork", "solo"), default="threads")
     worker.set_defaults(run=_worker)
-
-    from epicrisis.client.bulk import add_submit_arguments
 
     submit = commands.add_parser(
         "submit", help="send Bundles to a server with bounded concurrency; one result per Bundle"

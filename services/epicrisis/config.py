@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     job_retry_backoff_max_seconds: int = Field(120, gt=0)  # cap of the exponential backoff
     encryption_key: SecretStr | None = None  # base64 of 32 random bytes, or id:key,id:key
     encryption_key_file: Path | None = None  # a mounted secret holding the same text
+    worker_heartbeat_seconds: float = Field(5.0, gt=0)  # workers report to the server's health
 
     # -- the LLM backend: TGI, or any OpenAI-compatible server (vLLM, SGLang) ------------
     # EPICRISIS_LLM_URLS=http://tgi-0:8080,http://tgi-1:8080 (comma-separated, not JSON)

@@ -280,6 +280,37 @@ class EndpointPool:
             endpoint.failures["unavailable"] += 1
             self._eject(endpoint)
 
+    async def check_health(self) -> bool:
+        """Probe every endpoint's ``/health`` now; whether any answered.
+
+        The worker's heartbeat calls this, so an idle worker notices an outage (and a
+        recovery) before a job meets it: a failing endpoint leaves the rotation, an ejected
+        one that answers comes back, as with the probes of :meth:`lease`.
+        """
+        answers = await asyncio.gather(*(e.client.health() for e in self.endpoints))
+        for endpoint, healthy in zip(self.endpoints, answers, strict=True):
+            if healthy:
+                endpoint.ejected_until = None
+            elif endpoint.ejected_until is None:
+                endpoint.failures["unavailable"] += 1
+                self._eject(endpoint)
+        return any(answers)
+
+    async def capacity(self) -> int:
+        """Generations the endpoints take at once: each one's ``/info`` limit (capped by
+        ``max_in_flight``); an endpoint that cannot say yet counts as its defaults say
+        (TGI's 128), since a loading TGI is the usual reason."""
+
+        async def limit_of(endpoint: Endpoint) -> int:
+            with contextlib.suppress(BackendError):
+                await self._load_info(endpoint)
+            if endpoint.limit is not None:
+                return endpoint.limit
+            default = endpoint.client.defaults.max_concurrent_requests
+            return min(default, self.max_in_flight or default)
+
+        return sum(await asyncio.gather(*(limit_of(e) for e in self.endpoints)))
+
     def has_ready(self, *, besides: int | None = None) -> bool:
         """Whether an endpoint (other than ``besides``) is in rotation right now."""
         return any(e.ejected_until is None and e.index != besides for e in self.endpoints)

@@ -2,8 +2,8 @@
 
 The default is the LLM when ``EPICRISIS_LLM_URLS`` is set, the extractive templates when it
 is not. A request for the LLM on a deployment without one fails the job, saying so. The
-endpoint pool belongs to an event loop, so there is one per loop (the server's, or each
-worker thread's).
+endpoint pool belongs to an event loop, so there is one per loop: the embedded server's, or
+the one loop of a worker process, which all that process's jobs share.
 """
 
 from __future__ import annotations
@@ -42,6 +42,12 @@ class BackendChooser:
             max_output_tokens=options.max_output_tokens,
             settings=self._settings,
         )
+
+    async def llm_health(self) -> bool | None:
+        """Whether some LLM endpoint answers ``/health`` now; None without one configured."""
+        if not self._settings.llm_urls:
+            return None
+        return await self._pool().check_health()
 
     def _pool(self) -> EndpointPool:
         loop = asyncio.get_running_loop()

@@ -18,28 +18,38 @@ counter fails a job that keeps killing its workers. ``visibility_timeout`` excee
 longest a message can stay unacknowledged (time limit + the longest retry countdown), so
 Redis never hands a running job to a second worker.
 
-Event loops: each worker thread (``--pool threads``) or process (prefork) keeps one
-``asyncio.Runner`` and one async :class:`RedisJobStore` for its life, so the worker uses
-the very store code the server uses, with its pooled connections bound to that loop.
+One loop per process: ``epicrisis worker`` runs Celery's threads pool, and every thread hands
+its job to the process's single event loop (:class:`_JobLoop`), where all jobs share one
+async :class:`RedisJobStore` (the server's store code) and one LLM endpoint pool. So the
+worker's concurrency is the number of jobs it holds, and the pool keeps each endpoint's
+``/info`` limit of generations in flight across all of them (:func:`worker_concurrency`
+sizes it). The loop also sends the heartbeat the server's health check reads
+(:mod:`epicrisis.serving.workers`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import re
 import threading
-from dataclasses import dataclass, replace
-from typing import Any, Final, Literal
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import replace
+from typing import Any, Final, Literal, TypeVar
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_init
+from celery.signals import worker_init, worker_ready, worker_shutdown
 from kombu.entity import Exchange, Queue
 
 from epicrisis import __version__
 from epicrisis.config import Settings, get_settings
 from epicrisis.errors import ConfigurationError, EpicrisisError
+from epicrisis.llm.client import EndpointDefaults
+from epicrisis.llm.pool import EndpointPool
 from epicrisis.pipeline import load_stay
 from epicrisis.serving.backends import BackendChooser, JobSummarizer
 from epicrisis.serving.crypto import Sealer
@@ -54,6 +64,8 @@ from epicrisis.serving.jobs import (
     succeeded,
 )
 from epicrisis.serving.redis_store import RedisJobStore
+from epicrisis.serving.workers import LlmState, WorkerStatus, heartbeat, this_worker_id
+from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
 from epicrisis.summary.render_fhir import render_fhir
 
@@ -66,6 +78,8 @@ QUEUES = (INTERACTIVE, BATCH)  # the order workers consume them in: -Q interacti
 Priority = Literal["interactive", "batch"]
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 EXTRA_DELIVERIES = 2  # deliveries beyond the retries: worker losses a job may survive
+CAPACITY_WAIT_SECONDS = 15.0  # reading /info at worker start, before assuming defaults
+T = TypeVar("T")
 
 
 def soft_time_limit(settings: Settings) -> float:
@@ -86,21 +100,80 @@ class RetryLater(Exception):
     """A retryable backend failure; Celery retries the task with backoff (carries no PHI)."""
 
 
-@dataclass
-class _ThreadState:
-    runner: asyncio.Runner
-    store: RedisJobStore
+class _JobLoop:
+    """The one event loop of a worker process, in a daemon thread, with the process's store.
+
+    Celery's threads hand each job to it and block until it is done, so every job of the
+    process shares one Redis connection pool and one LLM endpoint pool: the endpoints'
+    in-flight limits hold across the whole process, and a job waiting for a generation slot
+    costs a coroutine, not a connection.
+    """
+
+    def __init__(self, store: RedisJobStore) -> None:
+        self.store = store
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self.loop.run_forever, name="epicrisis-jobs", daemon=True
+        )
+        self._thread.start()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def run(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run ``work`` on the loop and wait for it; an exception raised into the waiting
+        thread (Celery's soft time limit) cancels it."""
+        future = asyncio.run_coroutine_threadsafe(work, self.loop)
+        try:
+            return future.result()
+        except BaseException:
+            future.cancel()
+            raise
+
+    def start(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background until :meth:`close`."""
+
+        async def spawn() -> None:
+            self._tasks.append(asyncio.create_task(work))
+
+        self.run(spawn())
+
+    def close(self, *closers: Callable[[], Awaitable[None]]) -> None:
+        """Cancel the background work, await ``closers``, stop the loop."""
+
+        async def wind_down() -> None:
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)  # their finally blocks
+            for close in closers:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(close(), 5.0)
+
+        with contextlib.suppress(Exception):
+            asyncio.run_coroutine_threadsafe(wind_down(), self.loop).result(timeout=10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+        if not self._thread.is_alive():
+            self.loop.close()
 
 
 class JobRunner:
-    """Runs jobs for one worker process: settings, keys, the summarizer; a loop per thread."""
+    """Runs the jobs of one worker process on one event loop (:class:`_JobLoop`)."""
 
-    def __init__(self, settings: Settings, summarizer: JobSummarizer | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        summarizer: JobSummarizer | None = None,
+        *,
+        slots: int = 1,
+    ) -> None:
         self.settings = settings
-        self.summarizer = summarizer or BackendChooser(settings)
+        self.slots = slots  # Celery's concurrency, for the heartbeat
+        self._chooser = BackendChooser(settings) if summarizer is None else None
+        self.summarizer: JobSummarizer = summarizer or self._chooser  # type: ignore[assignment]
         self._sealer: Sealer | None = None
-        self._local = threading.local()
-        self._lock = threading.Lock()
+        self._job_loop: _JobLoop | None = None
+        self._lock = threading.RLock()
+        self._running = 0  # jobs on the loop now (touched only from the loop)
 
     def sealer(self) -> Sealer:
         """The keys, read once; a missing or malformed key stops the worker at start."""
@@ -114,18 +187,23 @@ class JobRunner:
         if not _JOB_ID.fullmatch(job_id):
             log.error("run_job refused a malformed job id")
             return "refused"
-        state = self._thread_state()
+        jobs = self._loop()
         try:
-            return state.runner.run(self._execute(state.store, job_id, retries, max_retries))
-        except SoftTimeLimitExceeded:
-            # Celery's backstop (prefork) fired inside the loop: start this thread afresh.
-            self._drop_thread_state()
-            state = self._thread_state()
+            return jobs.run(self._execute(jobs.store, job_id, retries, max_retries))
+        except SoftTimeLimitExceeded:  # Celery's backstop (prefork) fired while we waited
             failure = JobFailure("deadline-exceeded", "the job ran past its time limit", True)
-            state.runner.run(_fail(state.store, job_id, failure))
-            return "failed"
+            return jobs.run(_fail(jobs.store, job_id, failure))
 
     async def _execute(
+        self, store: RedisJobStore, job_id: str, retries: int, max_retries: int
+    ) -> str:
+        self._running += 1
+        try:
+            return await self._deliver(store, job_id, retries, max_retries)
+        finally:
+            self._running -= 1
+
+    async def _deliver(
         self, store: RedisJobStore, job_id: str, retries: int, max_retries: int
     ) -> str:
         try:
@@ -138,14 +216,16 @@ class JobRunner:
             record = await store.update(job_id, started)
             if record.final:
                 return "skipped"  # cancelled meanwhile
-            bundle, options = await store.take_payload(job_id)
         except JobNotFound:
             log.warning("job %s expired before it ran", job_id)
             return "expired"
         try:
             summary, document = await asyncio.wait_for(
-                self._pipeline(bundle, options), self.settings.job_timeout_seconds
+                self._pipeline(store, job_id), self.settings.job_timeout_seconds
             )
+        except JobNotFound:
+            log.warning("job %s expired before it ran", job_id)
+            return "expired"
         except TimeoutError:
             failure = JobFailure("deadline-exceeded", "the job ran past its time limit", True)
             return await _fail(store, job_id, failure)
@@ -161,7 +241,17 @@ class JobRunner:
         final = await store.update(job_id, succeeded(summary, document))
         return final.state.value if final.state is JobState.SUCCEEDED else "skipped"
 
-    async def _pipeline(self, bundle: bytes, options: JobOptions) -> tuple[DischargeSummary, str]:
+    async def _pipeline(self, store: RedisJobStore, job_id: str) -> tuple[DischargeSummary, str]:
+        """Payload to summary and document. The Bundle's bytes die with ``_load``: a job
+        waiting for a generation slot holds its stay's facts, not the Bundle."""
+        stay, options = await self._load(store, job_id)
+        summary = await self.summarizer(stay, options)
+        document = await asyncio.to_thread(render_fhir, summary, version=__version__)
+        return summary, document
+
+    @staticmethod
+    async def _load(store: RedisJobStore, job_id: str) -> tuple[Stay, JobOptions]:
+        bundle, options = await store.take_payload(job_id)
         stay = await asyncio.to_thread(
             load_stay,
             bundle,
@@ -169,35 +259,54 @@ class JobRunner:
             strict=options.strict,
             allow_emergency=options.allow_emergency,
         )
-        summary = await self.summarizer(stay, options)
-        document = await asyncio.to_thread(render_fhir, summary, version=__version__)
-        return summary, document
+        return stay, options
 
-    def _thread_state(self) -> _ThreadState:
-        state: _ThreadState | None = getattr(self._local, "state", None)
-        if state is None:
-            store = RedisJobStore.from_url(
-                self.settings.redis_url,
-                self.sealer(),
-                ttl_seconds=self.settings.job_ttl_seconds,
-                prefix=self.settings.redis_key_prefix,
-            )
-            state = _ThreadState(asyncio.Runner(), store)
-            self._local.state = state
-        return state
+    def _loop(self) -> _JobLoop:
+        """This process's loop, started on first use (after a prefork child is forked)."""
+        with self._lock:
+            if self._job_loop is None or self._job_loop.pid != os.getpid():
+                store = RedisJobStore.from_url(
+                    self.settings.redis_url,
+                    self.sealer(),
+                    ttl_seconds=self.settings.job_ttl_seconds,
+                    prefix=self.settings.redis_key_prefix,
+                )
+                self._job_loop = _JobLoop(store)
+                self._job_loop.start(heartbeat(store, self._status))
+            return self._job_loop
+
+    def start(self) -> None:
+        """Open the loop and start the heartbeat before the first job (worker start)."""
+        self._loop()
+
+    async def _status(self) -> WorkerStatus:
+        interval = self.settings.worker_heartbeat_seconds
+        llm: LlmState = "none"
+        if self._chooser is not None:
+            try:
+                healthy = await asyncio.wait_for(self._chooser.llm_health(), interval)
+            except TimeoutError:
+                healthy = False
+            llm = "none" if healthy is None else "ready" if healthy else "down"
+        return WorkerStatus(
+            worker_id=this_worker_id(),
+            at=time.time(),
+            llm=llm,
+            running=self._running,
+            slots=self.slots,
+            interval=interval,
+        )
 
     def close(self) -> None:
-        """Close this thread's loop and connections (other threads' close with the process)."""
-        state: _ThreadState | None = getattr(self._local, "state", None)
-        if state is not None:
-            state.runner.run(state.store.aclose())
-        self._drop_thread_state()
-
-    def _drop_thread_state(self) -> None:
-        state: _ThreadState | None = getattr(self._local, "state", None)
-        self._local.state = None
-        if state is not None:
-            state.runner.close()  # cancels what the interrupted run left behind
+        """Withdraw the heartbeat, close the pools and stop the loop (worker shutdown)."""
+        with self._lock:
+            jobs, self._job_loop = self._job_loop, None
+        if jobs is None or jobs.pid != os.getpid():
+            return
+        closers: list[Callable[[], Awaitable[None]]] = [jobs.store.aclose]
+        if self._chooser is not None:
+            closers.insert(0, self._chooser.aclose)
+        jobs.close(*closers)
 
 
 async def _fail(store: RedisJobStore, job_id: str, failure: JobFailure) -> str:
@@ -259,6 +368,27 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> Any:
     return app
 
 
+def worker_concurrency(settings: Settings) -> int:
+    """How many jobs one worker process holds: every endpoint's in-flight limit (``/info``,
+    capped by ``EPICRISIS_LLM_MAX_IN_FLIGHT``) and an eighth more, so that when a
+    generation ends the next job is already loaded and waiting for the slot. Without an
+    LLM the jobs are CPU work: one per CPU."""
+    if not settings.llm_urls:
+        return os.cpu_count() or 2
+
+    async def capacity() -> int:
+        async with EndpointPool.from_settings(settings) as pool:
+            try:
+                return await asyncio.wait_for(pool.capacity(), CAPACITY_WAIT_SECONDS)
+            except TimeoutError:  # the endpoints' defaults, as for one that cannot answer
+                default = EndpointDefaults().max_concurrent_requests
+                per_endpoint = min(default, settings.llm_max_in_flight or default)
+                return per_endpoint * len(settings.llm_urls)
+
+    slots = asyncio.run(capacity())
+    return slots + max(2, slots // 8)
+
+
 def submit(app: Any, job_id: str, *, priority: Priority = INTERACTIVE) -> Any:
     """Queue ``run_job`` for a job whose record and payload are stored; blocking I/O (kombu),
     so async callers run it in a thread. Returns Celery's ``AsyncResult``."""
@@ -270,15 +400,40 @@ def submit(app: Any, job_id: str, *, priority: Priority = INTERACTIVE) -> Any:
 app = create_app(get_settings())  # ``celery -A epicrisis.serving.queue worker`` finds it
 
 
+def _runner_of(sender: Any) -> JobRunner | None:
+    runner = getattr(getattr(sender, "app", None), "epicrisis_runner", None)
+    return runner if isinstance(runner, JobRunner) else None
+
+
 def _check_keys(sender: Any = None, **_: Any) -> None:
     """Refuse to start a worker that could not open a payload (Celery logs and ignores
     exceptions from signal handlers; SystemExit gets through and prints one line)."""
-    runner = getattr(getattr(sender, "app", None), "epicrisis_runner", None)
-    if isinstance(runner, JobRunner):
+    runner = _runner_of(sender)
+    if runner is not None:
         try:
             runner.sealer()
         except ConfigurationError as exc:
             raise SystemExit(f"epicrisis worker: {exc}") from None
+        runner.slots = int(getattr(sender, "concurrency", None) or runner.slots)
+    for chatty in ("httpx", "httpx2"):  # a line per model request and heartbeat probe
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def _start_loop(sender: Any = None, **_: Any) -> None:
+    """Heartbeat from the start, where jobs run in this process (threads or solo pool); a
+    prefork child starts its own loop with its first job."""
+    runner = _runner_of(sender)
+    pool = type(getattr(sender, "pool", None)).__module__
+    if runner is not None and not pool.endswith(".prefork"):
+        runner.start()
+
+
+def _close_loop(sender: Any = None, **_: Any) -> None:
+    runner = _runner_of(sender)
+    if runner is not None:
+        runner.close()
 
 
 worker_init.connect(_check_keys, weak=False)
+worker_ready.connect(_start_loop, weak=False)
+worker_shutdown.connect(_close_loop, weak=False)

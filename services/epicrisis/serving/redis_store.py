@@ -8,9 +8,11 @@ with a key derived from the encryption key, so no name holds anything from a req
     {prefix}:runs:{id}           deliveries of the job to a worker (a counter)
     {prefix}:idem:{hmac(key)}    "{id}:{hmac(request digest)}" for idempotent Submit
     {prefix}:events:{id}         pub/sub channel (not a key): "a record changed, re-read it"
+    {prefix}:workers             hash: worker process -> its last heartbeat (plain JSON: a
+                                 host and pid, times and counts; nothing about a job)
 
 Every key is written with the store's TTL (default 24 h), and updates keep the remaining TTL,
-so nothing about a job outlives its record. Values are sealed (:mod:`crypto`) with the job id
+so nothing about a job outlives its record; the workers' hash lives a few heartbeats. Values are sealed (:mod:`crypto`) with the job id
 and the slot as context: a value moved to another job or slot does not open.
 """
 
@@ -35,6 +37,7 @@ from epicrisis.serving.jobs import (
     JobRecord,
     JobState,
 )
+from epicrisis.serving.workers import STALE_INTERVALS, WorkerStatus
 from epicrisis.summary.model import DischargeSummary
 
 DEFAULT_TTL_SECONDS = 24 * 3600
@@ -219,6 +222,39 @@ class RedisJobStore:
     async def queue_depth(self, queue_name: str) -> int:
         """Messages waiting in a Celery queue (the Redis transport keeps each in a list)."""
         return int(await self._redis.llen(queue_name))
+
+    # -- workers (serving.workers) ---------------------------------------------------------
+
+    async def report_worker(self, status: WorkerStatus) -> None:
+        """Record a worker's heartbeat; the hash outlives its freshest report only briefly."""
+        key = self._key("workers", "all")
+        ttl_ms = max(1, round(status.interval * STALE_INTERVALS * 1000))
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, status.worker_id, orjson.dumps(asdict(status)))
+            pipe.pexpire(key, ttl_ms)  # each beat extends it: gone soon after the last worker
+            await pipe.execute()
+
+    async def forget_worker(self, worker_id: str) -> None:
+        """A worker that stops withdraws its report, so health sees it gone at once."""
+        await self._redis.hdel(self._key("workers", "all"), worker_id)
+
+    async def live_workers(self) -> list[WorkerStatus]:
+        """The fresh reports; stale ones (workers that died) are removed."""
+        key = self._key("workers", "all")
+        fresh: list[WorkerStatus] = []
+        stale: list[bytes | str] = []
+        for field, value in (await self._redis.hgetall(key)).items():
+            try:
+                report: WorkerStatus | None = WorkerStatus(**orjson.loads(value))
+            except (orjson.JSONDecodeError, TypeError):
+                report = None  # written by another version: let it go
+            if report is not None and report.fresh():
+                fresh.append(report)
+            else:
+                stale.append(field)
+        if stale:
+            await self._redis.hdel(key, *stale)
+        return fresh
 
     # -- encoding --------------------------------------------------------------------------
 

@@ -91,18 +91,20 @@ async def embedded_service(
     await server.start()
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    async with _llm_health(settings) as llm_checks:
-        watchdog = asyncio.create_task(_watch(llm_checks, health_servicer)) if llm_checks else None
-        try:
-            yield server, port, health_servicer
-        finally:
-            if watchdog is not None:
-                watchdog.cancel()
-            for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            await server.stop(settings.shutdown_grace_seconds)
-            await worker.stop()
-            await chooser.aclose()
+
+    async def llm_answers() -> bool:  # True without an LLM: the extractive backend serves
+        return await chooser.llm_health() is not False
+
+    watchdog = asyncio.create_task(_watch([llm_answers], health_servicer))
+    try:
+        yield server, port, health_servicer
+    finally:
+        watchdog.cancel()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(settings.shutdown_grace_seconds)
+        await worker.stop()
+        await chooser.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -114,6 +116,7 @@ async def queued_service(
     from epicrisis.serving.queue import create_app
     from epicrisis.serving.queued import QueuedWorker
     from epicrisis.serving.redis_store import RedisJobStore
+    from epicrisis.serving.workers import ready
 
     sealer = Sealer.from_settings(settings)  # no key outside the embedded mode: an error now
     store = RedisJobStore.from_url(
@@ -136,24 +139,28 @@ async def queued_service(
         await store.ping()
         return True
 
-    async with _llm_health(settings) as llm_checks:
-        watchdog = asyncio.create_task(_watch([redis_answers, *llm_checks], health_servicer))
-        try:
-            yield server, port, health_servicer
-        finally:
-            watchdog.cancel()
-            for name in ("", SERVICE_NAME):
-                await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            await server.stop(settings.shutdown_grace_seconds)
-            await store.aclose()
+    async def workers_ready() -> bool:  # alive, and reaching a model (their heartbeats)
+        return ready(await store.live_workers())
+
+    watchdog = asyncio.create_task(_watch([redis_answers, workers_ready], health_servicer))
+    try:
+        yield server, port, health_servicer
+    finally:
+        watchdog.cancel()
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(settings.shutdown_grace_seconds)
+        await store.aclose()
 
 
 Check = Callable[[], Awaitable[bool]]
 
 
 async def _watch(checks: list[Check], health_servicer: health.aio.HealthServicer) -> None:
-    """SERVING while every check passes (Redis answers; some LLM endpoint is healthy), else
-    NOT_SERVING; checked every 2 s so load balancers and probes see an outage."""
+    """SERVING while every check passes, else NOT_SERVING; checked every 2 s so load
+    balancers and probes see an outage. Queued: Redis answers and some worker reports it
+    reaches a model (the server itself never calls the model servers). Embedded: some LLM
+    endpoint answers, when one is configured."""
     while True:
         ok = True
         for check in checks:
@@ -169,29 +176,6 @@ async def _watch(checks: list[Check], health_servicer: health.aio.HealthServicer
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, status)
         await asyncio.sleep(2.0)
-
-
-@contextlib.asynccontextmanager
-async def _llm_health(settings: Settings) -> AsyncIterator[list[Check]]:
-    """A check that some configured LLM endpoint answers /health (none when none is set)."""
-    if not settings.llm_urls:
-        yield []
-        return
-    from epicrisis.llm.client import EndpointClient
-
-    clients = [
-        EndpointClient(url, index=i, timeout=2.0, connect_timeout=1.0)
-        for i, url in enumerate(settings.llm_urls)
-    ]
-
-    async def any_healthy() -> bool:
-        return any(await asyncio.gather(*(c.health() for c in clients)))
-
-    try:
-        yield [any_healthy]
-    finally:
-        for client in clients:
-            await client.aclose()
 
 
 async def run_server(settings: Settings, *, embedded: bool) -> None:

@@ -14,6 +14,8 @@ from collections.abc import Awaitable
 
 from aiohttp import web
 
+RELOAD_DRAIN_SECONDS = 2.0  # what a request under way gets when the "model" reloads
+
 
 class Listener:
     """One aiohttp application on one port, which can stop listening for a while."""
@@ -60,7 +62,8 @@ class Listener:
     async def reload(self, seconds: float, *, after: float = 0.0) -> None:
         """After ``after`` seconds, refuse new connections for ``seconds``, as a restart does.
 
-        Open connections are closed once their current request is answered.
+        Open connections close too: a request under way gets up to 2 s to finish, idle
+        keep-alive connections close at once (a client must not send on one and wait).
         """
         await asyncio.sleep(after)
         server = self._runner.server
@@ -70,8 +73,7 @@ class Listener:
         self._listening.clear()
         await self._site.stop()
         self._site = None
-        for connection in server.connections:
-            connection.close()
+        await server.shutdown(RELOAD_DRAIN_SECONDS)
         self._sock = bind(self.host, self.port)
         await self._listen_after(seconds)
 
