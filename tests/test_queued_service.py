@@ -129,21 +129,26 @@ def deployed(
     sim_args: Sequence[str] = (),
     dead_endpoints: int = 0,
     worker_args: Sequence[str] = ("--concurrency", "8"),
+    env: dict[str, str] | None = None,
 ) -> Iterator[Deployment]:
     """Redis, ``sims`` simulators (plus ``dead_endpoints`` URLs that refuse connections), one
     worker and the server; stopped in reverse order, each required to exit cleanly."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("EPICRISIS_")}
     with redis_server() as redis, contextlib.ExitStack() as stack:
         urls = [_start_sim(stack, *sim_args) for _ in range(sims)]
-        env = base | {
-            "EPICRISIS_REDIS_URL": redis.url,
-            "EPICRISIS_ENCRYPTION_KEY": new_key_text(),
-            "EPICRISIS_LLM_URLS": ",".join(urls + [_closed_port_url()] * dead_endpoints),
-            "EPICRISIS_GRPC_PORT": "0",
-            "EPICRISIS_WORKER_HEARTBEAT_SECONDS": "0.5",
-            "EPICRISIS_JOB_RETRY_BACKOFF_MAX_SECONDS": "4",
-        }
-        deployment = Deployment("", env, urls, tmp / "worker.log", [])
+        settings = (
+            base
+            | {
+                "EPICRISIS_REDIS_URL": redis.url,
+                "EPICRISIS_ENCRYPTION_KEY": new_key_text(),
+                "EPICRISIS_LLM_URLS": ",".join(urls + [_closed_port_url()] * dead_endpoints),
+                "EPICRISIS_GRPC_PORT": "0",
+                "EPICRISIS_WORKER_HEARTBEAT_SECONDS": "0.5",
+                "EPICRISIS_JOB_RETRY_BACKOFF_MAX_SECONDS": "4",
+            }
+            | (env or {})
+        )
+        deployment = Deployment("", settings, urls, tmp / "worker.log", [])
 
         def stop_workers() -> None:
             for worker in deployment.workers:
@@ -152,7 +157,7 @@ def deployed(
         stack.callback(stop_workers)
         deployment.start_worker(*worker_args)
         server = subprocess.Popen(
-            [str(EPICRISIS), "serve"], env=env, stderr=subprocess.PIPE, text=True
+            [str(EPICRISIS), "serve"], env=settings, stderr=subprocess.PIPE, text=True
         )
         stack.callback(lambda: _stop(server) == 0 or pytest.fail("the server did not exit 0"))
         port = _banner_port(server, r"127\.0\.0\.1:(\d+)")
@@ -175,7 +180,7 @@ def sims(deployment: Deployment) -> Iterator[list[str]]:
         set_faults(url, clean)
     yield deployment.sims
     for url in deployment.sims:
-        set_faults(url, {"clear": True})
+        set_faults(url, {"clear": True, "first_token_seconds": 0.0})
 
 
 def health_becomes(target: str, wanted: int, limit: float = 30.0) -> int:
@@ -309,7 +314,97 @@ def test_a_rejected_request_fails_the_job_with_its_reason(
     assert fired(sims, "validation") == 1  # a 422 is not retried
 
 
+# -- the job contract: idempotency, cancellation, deadlines --------------------------------
+
+
+def slow_model(sims: Sequence[str], seconds: float = 3.0) -> None:
+    for url in sims:
+        set_faults(url, {"first_token_seconds": seconds})
+
+
+def wait_for_outcome(deployment: Deployment, outcome: str, count: int = 1) -> None:
+    """Until the worker has logged ``count`` task outcomes ``outcome`` ('skipped' ...)."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while deployment.worker_log.read_text(errors="replace").count(f": '{outcome}'") < count:
+        assert time.monotonic() < deadline, deployment.log_tail()
+        time.sleep(0.1)
+
+
+def test_the_same_idempotency_key_gives_one_job_and_one_generation(
+    deployment: Deployment, sims: list[str]
+) -> None:
+    slow_model(sims, 1.0)
+    request = pb.SubmitRequest(bundle=SAMPLE, options=LLM, idempotency_key="discharge-7")
+    channel, stub = deployment.stub()
+    with channel, ThreadPoolExecutor(4) as pool:
+        ids = set(pool.map(lambda _: stub.Submit(request, timeout=10).id, range(4)))
+        assert len(ids) == 1
+        job = _final(stub, ids.pop())
+        again = stub.Summarize(request, timeout=WAIT_SECONDS)  # after it finished, too
+    assert_llm_success(job)
+    assert again.id == job.id and again.state == pb.JOB_STATE_SUCCEEDED
+    assert sum(chat_counts(url).get("200", 0) for url in sims) == 1
+
+
+def test_a_cancelled_job_stays_cancelled_when_its_generation_ends(
+    deployment: Deployment, sims: list[str]
+) -> None:
+    slow_model(sims)
+    skipped_before = deployment.worker_log.read_text(errors="replace").count(": 'skipped'")
+    channel, stub = deployment.stub()
+    with channel:
+        job_id = stub.Submit(pb.SubmitRequest(bundle=SAMPLE, options=LLM), timeout=10).id
+        for seen in stub.WatchJob(pb.WatchJobRequest(id=job_id), timeout=WAIT_SECONDS):
+            if seen.state == pb.JOB_STATE_RUNNING:
+                break
+        cancelled = stub.CancelJob(pb.CancelJobRequest(id=job_id), timeout=10)
+        wait_for_outcome(deployment, "skipped", skipped_before + 1)  # the worker got there
+        after = stub.GetJob(pb.GetJobRequest(id=job_id), timeout=10)
+    assert cancelled.state == pb.JOB_STATE_CANCELLED
+    assert after.state == pb.JOB_STATE_CANCELLED and not after.HasField("summary")
+
+
+def test_summarize_past_its_deadline_cancels_the_job(
+    deployment: Deployment, sims: list[str]
+) -> None:
+    slow_model(sims)
+    request = pb.SubmitRequest(bundle=SAMPLE, options=LLM, idempotency_key="late-1")
+    channel, stub = deployment.stub()
+    with channel:
+        with pytest.raises(grpc.RpcError) as raised:
+            stub.Summarize(request, timeout=1.0)
+        job = stub.Submit(request, timeout=10)  # the key finds the job the deadline cut off
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert job.state == pb.JOB_STATE_CANCELLED
+
+
 # -- deployments of their own ---------------------------------------------------------------
+
+
+def test_past_the_queue_bound_submit_is_resource_exhausted_and_nothing_is_lost(
+    tmp_path: Path,
+) -> None:
+    bound = 2
+    with deployed(
+        tmp_path,
+        sim_args=("--first-token-latency", "1.0"),
+        worker_args=("--concurrency", "1"),
+        env={"EPICRISIS_MAX_QUEUED_JOBS": str(bound)},
+    ) as running:
+        channel, stub = running.stub()
+        accepted: list[str] = []
+        refused: list[grpc.RpcError] = []
+        with channel:
+            for _ in range(bound + 4):
+                try:
+                    request = pb.SubmitRequest(bundle=SAMPLE, options=LLM)
+                    accepted.append(stub.Submit(request, timeout=10).id)
+                except grpc.RpcError as error:
+                    refused.append(error)
+            finals = [_final(stub, job_id) for job_id in accepted]
+    assert refused and all(e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for e in refused)
+    assert len(accepted) <= bound + 2  # waiting, plus the one running and one prefetched
+    assert all(job.state == pb.JOB_STATE_SUCCEEDED for job in finals)
 
 
 def test_one_endpoint_refusing_connections_moves_all_traffic_to_the_other(

@@ -37,6 +37,7 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535)
     embedded_concurrency: int = Field(2, gt=0)  # jobs run at once by the embedded worker
     shutdown_grace_seconds: float = Field(10.0, ge=0)
+    max_queued_jobs: int = Field(1000, gt=0)  # waiting per priority; past it RESOURCE_EXHAUSTED
     max_input_tokens: int = Field(8192 - 1536, gt=256)
 
     # -- the queued mode: Redis (Celery broker and job store), jobs encrypted at rest -----

@@ -405,7 +405,7 @@ def _runner_of(sender: Any) -> JobRunner | None:
     return runner if isinstance(runner, JobRunner) else None
 
 
-def _check_keys(sender: Any = None, **_: Any) -> None:
+def _prepare_worker(sender: Any = None, **_: Any) -> None:
     """Refuse to start a worker that could not open a payload (Celery logs and ignores
     exceptions from signal handlers; SystemExit gets through and prints one line)."""
     runner = _runner_of(sender)
@@ -434,6 +434,6 @@ def _close_loop(sender: Any = None, **_: Any) -> None:
         runner.close()
 
 
-worker_init.connect(_check_keys, weak=False)
+worker_init.connect(_prepare_worker, weak=False)
 worker_ready.connect(_start_loop, weak=False)
 worker_shutdown.connect(_close_loop, weak=False)

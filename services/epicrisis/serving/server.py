@@ -69,7 +69,7 @@ async def embedded_service(
     address: str,
     *,
     summarizer: JobSummarizer | None = None,
-    max_queued: int = 1000,
+    max_queued: int | None = None,
 ) -> AsyncIterator[tuple[grpc.aio.Server, int, health.aio.HealthServicer]]:
     """A started server with an in-process worker; drained and stopped on exit."""
     store = MemoryJobStore()
@@ -78,7 +78,7 @@ async def embedded_service(
         store,
         summarizer or chooser,
         concurrency=settings.embedded_concurrency,
-        max_queued=max_queued,
+        max_queued=max_queued or settings.max_queued_jobs,
     )
     health_servicer = health.aio.HealthServicer()
     server, port = create_server(
@@ -109,7 +109,7 @@ async def embedded_service(
 
 @contextlib.asynccontextmanager
 async def queued_service(
-    settings: Settings, address: str, *, max_queued: int = 10_000
+    settings: Settings, address: str
 ) -> AsyncIterator[tuple[grpc.aio.Server, int, health.aio.HealthServicer]]:
     """A started server that queues to Celery on Redis; refuses to start without its key."""
     from epicrisis.serving.crypto import Sealer
@@ -129,7 +129,7 @@ async def queued_service(
     health_servicer = health.aio.HealthServicer()
     server, port = create_server(
         address,
-        DischargeSummarizer(store, QueuedWorker(store, app, max_queued=max_queued)),
+        DischargeSummarizer(store, QueuedWorker(store, app, max_queued=settings.max_queued_jobs)),
         health_servicer,
         max_bundle_bytes=settings.limits.max_bundle_bytes,
     )
