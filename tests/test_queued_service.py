@@ -8,18 +8,11 @@ against hanging.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import re
-import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -28,141 +21,16 @@ import pytest
 from fhir.resources.R4B.bundle import Bundle
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from deployment import EPICRISIS, LLM, SAMPLE, WAIT_SECONDS, Deployment, deployed, stop
 from epicrisis.errors import StayError
 from epicrisis.pipeline import load_stay
-from epicrisis.serving.crypto import new_key_text
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
-from redis_server import redis_server
 from sim_control import CHAT, chat_counts, set_faults, sim_state
 
-EPICRISIS = Path(sys.executable).parent / "epicrisis"
-SAMPLE = resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fhir"
-WAIT_SECONDS = 60
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-LLM = pb.SummaryOptions(backend=pb.BACKEND_LLM)
-
-
-@dataclass
-class Deployment:
-    target: str
-    env: dict[str, str]
-    sims: list[str]  # base URLs of the simulators the worker uses
-    worker_log: Path
-    workers: list[subprocess.Popen[str]]
-
-    def stub(self) -> tuple[grpc.Channel, pb_grpc.DischargeSummarizerStub]:
-        channel = grpc.insecure_channel(self.target)
-        return channel, pb_grpc.DischargeSummarizerStub(channel)
-
-    def summarize(self, bundle: bytes = SAMPLE, options: pb.SummaryOptions = LLM) -> pb.Job:
-        channel, stub = self.stub()
-        with channel:
-            job: pb.Job = stub.Summarize(
-                pb.SubmitRequest(bundle=bundle, options=options), timeout=WAIT_SECONDS
-            )
-            return job
-
-    def start_worker(self, *args: str) -> subprocess.Popen[str]:
-        with self.worker_log.open("a") as sink:
-            worker = subprocess.Popen(
-                [str(EPICRISIS), "worker", *args],
-                env=self.env, stdout=sink, stderr=subprocess.STDOUT, text=True,
-            )  # fmt: skip
-        self.workers.append(worker)
-        deadline = time.monotonic() + WAIT_SECONDS
-        while self.worker_log.read_text(errors="replace").count(" ready.") < len(self.workers):
-            assert worker.poll() is None and time.monotonic() < deadline, self.log_tail()
-            time.sleep(0.05)
-        return worker
-
-    def log_tail(self) -> str:
-        return self.worker_log.read_text(errors="replace")[-4000:]
-
-
-def _banner_port(process: subprocess.Popen[str], pattern: str) -> str:
-    assert process.stderr is not None
-    line = process.stderr.readline()
-    match = re.search(pattern, line)
-    assert match, line
-    return match.group(1)
-
-
-def _stop(process: subprocess.Popen[str]) -> int:
-    if process.poll() is not None:
-        return process.returncode
-    process.send_signal(signal.SIGTERM)
-    try:
-        return process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-        raise
-    finally:
-        if process.stderr is not None:
-            process.stderr.close()
-
-
-def _start_sim(stack: contextlib.ExitStack, *args: str) -> str:
-    sim = subprocess.Popen(
-        [str(EPICRISIS), "tgi-sim", "--port", "0", *args], stderr=subprocess.PIPE, text=True
-    )
-    stack.callback(_stop, sim)
-    port = _banner_port(sim, r"http://127\.0\.0\.1:(\d+)")
-    return f"http://127.0.0.1:{port}"
-
-
-def _closed_port_url() -> str:
-    """A loopback URL nothing listens on: a connection there is refused."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}"
-
-
-@contextlib.contextmanager
-def deployed(
-    tmp: Path,
-    *,
-    sims: int = 1,
-    sim_args: Sequence[str] = (),
-    dead_endpoints: int = 0,
-    worker_args: Sequence[str] = ("--concurrency", "8"),
-    env: dict[str, str] | None = None,
-) -> Iterator[Deployment]:
-    """Redis, ``sims`` simulators (plus ``dead_endpoints`` URLs that refuse connections), one
-    worker and the server; stopped in reverse order, each required to exit cleanly."""
-    base = {k: v for k, v in os.environ.items() if not k.startswith("EPICRISIS_")}
-    with redis_server() as redis, contextlib.ExitStack() as stack:
-        urls = [_start_sim(stack, *sim_args) for _ in range(sims)]
-        settings = (
-            base
-            | {
-                "EPICRISIS_REDIS_URL": redis.url,
-                "EPICRISIS_ENCRYPTION_KEY": new_key_text(),
-                "EPICRISIS_LLM_URLS": ",".join(urls + [_closed_port_url()] * dead_endpoints),
-                "EPICRISIS_GRPC_PORT": "0",
-                "EPICRISIS_WORKER_HEARTBEAT_SECONDS": "0.5",
-                "EPICRISIS_JOB_RETRY_BACKOFF_MAX_SECONDS": "4",
-            }
-            | (env or {})
-        )
-        deployment = Deployment("", settings, urls, tmp / "worker.log", [])
-
-        def stop_workers() -> None:
-            for worker in deployment.workers:
-                assert _stop(worker) == 0, deployment.log_tail()
-
-        stack.callback(stop_workers)
-        deployment.start_worker(*worker_args)
-        server = subprocess.Popen(
-            [str(EPICRISIS), "serve"], env=settings, stderr=subprocess.PIPE, text=True
-        )
-        stack.callback(lambda: _stop(server) == 0 or pytest.fail("the server did not exit 0"))
-        port = _banner_port(server, r"127\.0\.0\.1:(\d+)")
-        deployment.target = f"127.0.0.1:{port}"
-        yield deployment
 
 
 @pytest.fixture(scope="module")
@@ -425,7 +293,7 @@ def test_health_follows_the_workers_and_their_endpoints(tmp_path: Path) -> None:
         set_faults(running.sims[0], {"reload": 5.0})  # the only endpoint refuses connections
         seen["endpoint down"] = health_becomes(running.target, NOT_SERVING)
         seen["endpoint back"] = health_becomes(running.target, SERVING)
-        assert _stop(running.workers.pop()) == 0  # the only worker leaves
+        assert stop(running.workers.pop()) == 0  # the only worker leaves
         seen["no worker"] = health_becomes(running.target, NOT_SERVING)
         running.start_worker("--concurrency", "2")
         seen["worker back"] = health_becomes(running.target, SERVING)
