@@ -1,16 +1,19 @@
 """The gRPC service: its overhead over a direct call, and how full it keeps the LLM backend.
 
-Two measurements, each in one run of this process, on the packaged sample stay
-(``epicrisis/samples/sample-stay.json``); nothing but 127.0.0.1 is contacted.
+Every part runs as its own process on 127.0.0.1 (``tests/deployment.py``): TGI simulators
+(``epicrisis tgi-sim``), redis-server, ``epicrisis worker``, ``epicrisis serve
+[--embedded]``. This process only calls and samples, on the packaged sample stay
+(``epicrisis/samples/sample-stay.json``).
 
-1. Overhead: the embedded server (``embedded_service`` on 127.0.0.1:0, extractive backend,
-   ``embedded_concurrency=2``) answering ``Summarize`` to 1, 16 and 64 concurrent grpc.aio
-   callers, against ``epicrisis.pipeline.summarize`` called directly on the same bytes
-   in the same run.
-2. Saturation: the embedded server with the LLM backend in front of one or two TGI
-   simulators (128 slots each, a realistic time per token), a backlog submitted at once;
-   ``/__sim/state`` is sampled every 0.1 s and the mean in-flight count over the steady
-   part is divided by the slots.
+1. Overhead, LLM backend, a simulator that answers at once: ``Summarize`` from 1, 16 and 64
+   concurrent grpc.aio callers to the embedded server and to the queued deployment (server,
+   Redis, one worker), against the same pipeline called directly in this process
+   (``load_stay``, ``llm_summary`` on the same kind of simulator, ``render_fhir``), one
+   call at a time, in the same run.
+2. Saturation: the queued deployment, one worker sized from ``/info``, in front of one or
+   two simulators of 128 slots with a realistic time per token; a backlog submitted at
+   once; ``/__sim/state`` is sampled every 0.1 s and the mean in-flight count over the
+   steady part is divided by the slots.
 
 ``python bench/service.py`` prints the markdown; ``bench/run.py`` calls :func:`markdown`.
 """
@@ -19,34 +22,44 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import statistics
+import sys
+import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import aiohttp
 import grpc
 
 import epicrisis
-from epicrisis.config import Settings
-from epicrisis.llm.simulator import SimulatorConfig, SimulatorThread
-from epicrisis.pipeline import summarize
-from epicrisis.serving.server import embedded_service
+from epicrisis.llm.backend import llm_summary
+from epicrisis.llm.pool import EndpointPool
+from epicrisis.pipeline import load_stay
+from epicrisis.summary.render_fhir import render_fhir
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from deployment import Deployment, deployed, embedded  # the tests' process harness
 
 SAMPLE = Path(epicrisis.__file__).resolve().parent / "samples" / "sample-stay.json"
 LEVELS = (1, 16, 64)  # concurrent callers
 REQUESTS_PER_LEVEL = 128
 LEVEL_SECONDS = 20.0  # no new request after this long at one level
 DIRECT_REPEAT = 32
+EMBEDDED_CONCURRENCY = 4
 SLOTS = 128  # max_concurrent_requests of each simulator
-TOKEN_SECONDS = 0.02
+TOKEN_SECONDS = 0.05  # 20 tokens/s a sequence at a full batch: see markdown()
 FIRST_TOKEN_SECONDS = 0.2
-BACKLOG = 300
-SATURATION_SECONDS = 60.0  # bound on one saturation run, submission included
+BACKLOG_PER_SLOT = 2.5  # jobs submitted at once, per slot on offer
+SATURATION_SECONDS = 240.0  # bound on one saturation run, submission included
 SAMPLE_SECONDS = 0.1
 GOAL = 0.95
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+LLM = pb.SummaryOptions(backend=pb.BACKEND_LLM)
 
 
 # -- 1. overhead -------------------------------------------------------------------------
@@ -68,10 +81,10 @@ class Level:
 
 @dataclass
 class Overhead:
-    """Direct in-process calls and the server at each level, from the same run."""
+    """Direct in-process calls and each deployment at each level, from the same run."""
 
     direct_ms: list[float]
-    levels: list[Level]
+    modes: dict[str, list[Level]]
 
 
 def _percentile(values: list[float], pct: int) -> float:
@@ -81,13 +94,16 @@ def _percentile(values: list[float], pct: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
 
 
-def _direct(data: bytes, repeat: int) -> list[float]:
-    summarize(data)  # warm caches
+async def _direct(sim_url: str, data: bytes, repeat: int) -> list[float]:
+    """What a job does, in this process: Bundle to stay, the model's summary, the document."""
     out = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        summarize(data)
-        out.append((time.perf_counter() - start) * 1000)
+    async with EndpointPool([sim_url]) as pool:
+        for attempt in range(repeat + 1):
+            start = time.perf_counter()
+            summary = await llm_summary(load_stay(data), pool)
+            render_fhir(summary, version=epicrisis.__version__)
+            if attempt:  # the first warms the pool (/info) and the caches
+                out.append((time.perf_counter() - start) * 1000)
     return out
 
 
@@ -111,7 +127,7 @@ async def _level(
             except grpc.aio.AioRpcError:
                 errors += 1
                 continue
-            if job.state != pb.JOB_STATE_SUCCEEDED:
+            if job.state != pb.JOB_STATE_SUCCEEDED or job.summary.provenance.fallback:
                 errors += 1
                 continue
             latencies.append((time.perf_counter() - t0) * 1000)
@@ -120,19 +136,13 @@ async def _level(
     return Level(callers, latencies, errors, time.perf_counter() - started)
 
 
-async def _serve_levels(data: bytes, levels: tuple[int, ...], total: int) -> list[Level]:
-    settings = Settings(embedded_concurrency=2, llm_urls=[])
-    request = pb.SubmitRequest(
-        bundle=data, options=pb.SummaryOptions(backend=pb.BACKEND_EXTRACTIVE)
-    )
-    size = len(data) + 1024 * 1024
-    options = [("grpc.max_send_message_length", size), ("grpc.max_receive_message_length", size)]
-    async with (
-        embedded_service(settings, "127.0.0.1:0") as (_, port, _health),
-        grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel,
-    ):
+async def _serve_levels(
+    target: str, data: bytes, levels: tuple[int, ...], total: int
+) -> list[Level]:
+    request = pb.SubmitRequest(bundle=data, options=LLM)
+    async with grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel:
         stub = pb_grpc.DischargeSummarizerStub(channel)
-        for _ in range(3):  # warm the channel, the threads and the caches
+        for _ in range(3):  # warm the channel, the worker's pools and the caches
             await stub.Summarize(request, timeout=60.0)
         return [await _level(stub, request, callers, total) for callers in levels]
 
@@ -142,10 +152,34 @@ def measure_overhead(
     requests_per_level: int = REQUESTS_PER_LEVEL,
     direct_repeat: int = DIRECT_REPEAT,
 ) -> Overhead:
-    """Direct calls first, then the server at each level, on the same bytes."""
+    """Direct calls first, then the embedded server, then the queued deployment."""
     data = SAMPLE.read_bytes()
-    direct = _direct(data, direct_repeat)
-    return Overhead(direct, asyncio.run(_serve_levels(data, levels, requests_per_level)))
+    concurrency = {"EPICRISIS_EMBEDDED_CONCURRENCY": str(EMBEDDED_CONCURRENCY)}
+    with embedded(env=concurrency) as (target, sims):
+        direct = asyncio.run(_direct(sims[0], data, direct_repeat))
+        served = asyncio.run(_serve_levels(target, data, levels, requests_per_level))
+    modes = {f"embedded ({EMBEDDED_CONCURRENCY} jobs at once)": served}
+    with _queued(sims=1, sim_args=()) as running:
+        modes["queued (Redis, 1 worker)"] = asyncio.run(
+            _serve_levels(running.target, data, levels, requests_per_level)
+        )
+    return Overhead(direct, modes)
+
+
+@contextlib.contextmanager
+def _queued(*, sims: int, sim_args: tuple[str, ...]) -> Iterator[Deployment]:
+    """The queued deployment with one worker sized from /info."""
+    with (
+        tempfile.TemporaryDirectory(prefix="epicrisis-bench-") as tmp,
+        deployed(Path(tmp), sims=sims, sim_args=sim_args, worker_args=()) as running,
+    ):
+        yield running
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # -- 2. saturation -----------------------------------------------------------------------
@@ -166,7 +200,7 @@ class Saturation:
     seconds: float  # first Submit to last job final (or the bound)
     timed_out: bool
     max_in_flight: int  # the simulators' own peak counters, summed
-    cpu_cores: float  # process CPU time / wall time (all threads; the GIL caps Python at 1)
+    worker_cores: float  # the worker process's CPU time / wall time (the GIL caps Python at 1)
     fallbacks: int = 0  # LLM answers replaced by the extractive prose
     notes: list[str] = field(default_factory=list)
 
@@ -190,11 +224,11 @@ async def _state(session: aiohttp.ClientSession, url: str) -> dict:
         return await response.json()
 
 
-async def _saturate(urls: list[str], backlog: int, bound: float) -> Saturation:
+async def _saturate(target: str, urls: list[str], backlog: int, bound: float) -> Saturation:
     slots = SLOTS * len(urls)
-    settings = Settings(llm_urls=urls, embedded_concurrency=slots)
     request = pb.SubmitRequest(
-        bundle=SAMPLE.read_bytes(), options=pb.SummaryOptions(backend=pb.BACKEND_LLM)
+        bundle=SAMPLE.read_bytes(),
+        options=pb.SummaryOptions(backend=pb.BACKEND_LLM, priority=pb.PRIORITY_BATCH),
     )
     samples: list[tuple[float, int]] = []
     finished: list[float] = []
@@ -203,13 +237,9 @@ async def _saturate(urls: list[str], backlog: int, bound: float) -> Saturation:
     notes: list[str] = []
     async with (
         aiohttp.ClientSession() as session,
-        embedded_service(settings, "127.0.0.1:0", max_queued=backlog + 10) as (_, port, _h),
-        grpc.aio.insecure_channel(
-            f"127.0.0.1:{port}", options=[("grpc.max_receive_message_length", 64 << 20)]
-        ) as channel,
+        grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS) as channel,
     ):
         stub = pb_grpc.DischargeSummarizerStub(channel)
-        cpu0 = time.process_time()
         t0 = time.perf_counter()
         deadline = t0 + bound
 
@@ -244,7 +274,6 @@ async def _saturate(urls: list[str], backlog: int, bound: float) -> Saturation:
                 notes.append(f"RPC {exc.code().name}: {exc.details()}")
 
         sampler = asyncio.create_task(sample())
-
         jobs = [asyncio.create_task(tracked()) for _ in range(backlog)]
         _done, pending = await asyncio.wait(jobs, timeout=max(deadline - time.perf_counter(), 0))
         timed_out = bool(pending)
@@ -252,7 +281,6 @@ async def _saturate(urls: list[str], backlog: int, bound: float) -> Saturation:
             task.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
         seconds = time.perf_counter() - t0
-        cpu = time.process_time() - cpu0
         sampler.cancel()
         await asyncio.gather(sampler, return_exceptions=True)
         states = await asyncio.gather(*(_state(session, u) for u in urls))
@@ -275,26 +303,27 @@ async def _saturate(urls: list[str], backlog: int, bound: float) -> Saturation:
         seconds=seconds,
         timed_out=timed_out,
         max_in_flight=sum(s["counters"]["max_in_flight"] for s in states),
-        cpu_cores=cpu / seconds,
+        worker_cores=0.0,
         fallbacks=outcomes["fallbacks"],
         notes=sorted(set(notes))[:5],
     )
 
 
-def measure_saturation(
-    endpoints: int, backlog: int = BACKLOG, bound: float = SATURATION_SECONDS
-) -> Saturation:
-    """A backlog against ``endpoints`` simulators, each on its own loop in its own thread."""
-    config = SimulatorConfig(
-        port=0,
-        max_concurrent_requests=SLOTS,
-        token_seconds=TOKEN_SECONDS,
-        first_token_seconds=FIRST_TOKEN_SECONDS,
-        seed=0,
-    )
-    with contextlib.ExitStack() as stack:
-        sims = [stack.enter_context(SimulatorThread(config)) for _ in range(endpoints)]
-        return asyncio.run(_saturate([s.base_url for s in sims], backlog, bound))
+def measure_saturation(endpoints: int, bound: float = SATURATION_SECONDS) -> Saturation:
+    """A backlog against ``endpoints`` simulators through the queued deployment."""
+    sim_args = (
+        "--max-concurrent-requests", str(SLOTS),
+        "--token-latency", str(TOKEN_SECONDS),
+        "--first-token-latency", str(FIRST_TOKEN_SECONDS),
+        "--seed", "0",
+    )  # fmt: skip
+    with _queued(sims=endpoints, sim_args=sim_args) as running:
+        worker = running.workers[0].pid
+        cpu0, t0 = _cpu_seconds(worker), time.perf_counter()
+        backlog = round(BACKLOG_PER_SLOT * SLOTS * endpoints)
+        result = asyncio.run(_saturate(running.target, running.sims, backlog, bound))
+        cores = (_cpu_seconds(worker) - cpu0) / (time.perf_counter() - t0)
+    return replace(result, worker_cores=cores)
 
 
 # -- markdown ----------------------------------------------------------------------------
@@ -303,21 +332,22 @@ def measure_saturation(
 def _overhead_markdown(o: Overhead) -> str:
     direct_p50 = statistics.median(o.direct_ms)
     lines = [
-        "| callers | requests | p50 ms | p99 ms | jobs/s | p50 - direct p50 ms | errors |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| direct call | {len(o.direct_ms)} | {direct_p50:.1f} "
+        "| path | callers | requests | p50 ms | p99 ms | jobs/s | p50 - direct p50 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        f"| direct call | 1 | {len(o.direct_ms)} | {direct_p50:.1f} "
         f"| {_percentile(o.direct_ms, 99):.1f} | {1000 / direct_p50:.1f} | - | - |",
     ]
-    for level in o.levels:
-        if not level.latencies_ms:
-            lines.append(f"| {level.callers} | 0 | - | - | - | - | {level.errors} |")
-            continue
-        p50 = statistics.median(level.latencies_ms)
-        lines.append(
-            f"| {level.callers} | {len(level.latencies_ms)} | {p50:.1f} "
-            f"| {_percentile(level.latencies_ms, 99):.1f} | {level.jobs_per_second:.1f} "
-            f"| {p50 - direct_p50:+.1f} | {level.errors} |"
-        )
+    for mode, levels in o.modes.items():
+        for level in levels:
+            if not level.latencies_ms:
+                lines.append(f"| {mode} | {level.callers} | 0 | - | - | - | - | {level.errors} |")
+                continue
+            p50 = statistics.median(level.latencies_ms)
+            lines.append(
+                f"| {mode} | {level.callers} | {len(level.latencies_ms)} | {p50:.1f} "
+                f"| {_percentile(level.latencies_ms, 99):.1f} | {level.jobs_per_second:.1f} "
+                f"| {p50 - direct_p50:+.1f} | {level.errors} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -325,7 +355,7 @@ def _saturation_markdown(runs: list[Saturation]) -> str:
     lines = [
         "| endpoints | slots | backlog | steady window s | samples | mean in flight "
         "| ÷ slots | min-max in flight | full after s | peak | jobs ok / failed | jobs/s "
-        "| CPU cores |",
+        "| worker CPU cores |",
         "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
         "| ---: | ---: |",
     ]
@@ -340,7 +370,7 @@ def _saturation_markdown(runs: list[Saturation]) -> str:
             f"| {statistics.fmean(values) if values else 0:.1f} "
             f"| {'-' if share is None else f'{share:.3f}'} "
             f"| {min(values, default=0)}-{max(values, default=0)} | {full} | {r.max_in_flight} "
-            f"| {r.succeeded} / {r.failed} | {r.succeeded / r.seconds:.1f} | {r.cpu_cores:.2f} |"
+            f"| {r.succeeded} / {r.failed} | {r.succeeded / r.seconds:.1f} | {r.worker_cores:.2f} |"
         )
         if r.timed_out:
             notes.append(
@@ -368,21 +398,23 @@ def markdown() -> str:
     return (
         _overhead_markdown(overhead)
         + "\n"
-        + f"Direct: `epicrisis.pipeline.summarize(bytes)` on {SAMPLE.name} "
-        f"({SAMPLE.stat().st_size / 1e6:.2f} MB), median of {len(overhead.direct_ms)}; "
-        f"server: `Summarize` over loopback gRPC, extractive backend, "
-        f"`embedded_concurrency=2`, up to {REQUESTS_PER_LEVEL} requests per level. Beyond "
-        "one caller the latency is mostly waiting in the queue: jobs/s is the figure to "
-        "compare with the direct calls per second.\n\n"
-        f"Saturation: {SLOTS}-slot TGI simulators (`SimulatorThread`, first token "
-        f"{FIRST_TOKEN_SECONDS:g} s, {TOKEN_SECONDS:g} s per token) behind the embedded "
-        "server with the LLM backend (`embedded_concurrency` = all slots), a backlog "
-        "submitted at once, `/__sim/state` sampled every "
-        f"{SAMPLE_SECONDS:g} s (more slowly when the event loop is busy), each run bounded "
-        f"to {SATURATION_SECONDS:g} s. The steady window runs from the backlog being queued "
-        "(or every slot first busy, if sooner) until fewer jobs than slots are left; an "
-        "empty window shows '-'. The simulators run in this process and share its GIL; "
-        "CPU cores is the process's CPU time over wall time.\n\n" + _saturation_markdown(runs)
+        + f"Direct: `load_stay`, `llm_summary` and `render_fhir` in the benchmark's process on "
+        f"{SAMPLE.name} ({SAMPLE.stat().st_size / 1e6:.2f} MB), one call at a time, median of "
+        f"{len(overhead.direct_ms)}, against a simulator that answers at once (`epicrisis "
+        "tgi-sim`, no latency). Served: `Summarize` over loopback gRPC with the LLM backend "
+        "and the same kind of simulator, each part its own process; up to "
+        f"{REQUESTS_PER_LEVEL} requests per level. Beyond one caller the latency is mostly "
+        "waiting for CPU (2 cores for the simulator, the server, Redis, the worker and "
+        "the callers): jobs/s is the figure to compare with the direct calls per second. "
+        "An error is a failed call or a fallback answer.\n\n"
+        f"Saturation: {SLOTS}-slot simulators (first token {FIRST_TOKEN_SECONDS:g} s, "
+        f"{TOKEN_SECONDS:g} s per token) behind the queued deployment: `epicrisis serve`, "
+        "redis-server and one `epicrisis worker` whose concurrency comes from `/info` (slots "
+        "+ an eighth), all separate processes; a backlog of batch jobs submitted at once, "
+        f"`/__sim/state` sampled every {SAMPLE_SECONDS:g} s, each run bounded to "
+        f"{SATURATION_SECONDS:g} s. The steady window runs from the backlog being queued (or "
+        "every slot first busy, if sooner) until fewer jobs than slots are left; an empty "
+        "window shows '-'.\n\n" + _saturation_markdown(runs)
     )
 
 

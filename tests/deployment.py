@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -66,12 +67,21 @@ class Deployment:
         return self.worker_log.read_text(errors="replace")[-4000:]
 
 
-def _banner_port(process: subprocess.Popen[str], pattern: str) -> str:
-    assert process.stderr is not None
-    line = process.stderr.readline()
-    match = re.search(pattern, line)
-    assert match, line
-    return match.group(1)
+def _launch(
+    argv: Sequence[str], env: dict[str, str] | None, log: Path, banner: str
+) -> tuple[subprocess.Popen[str], str]:
+    """Start a process logging to ``log``; wait for the ``banner`` regex, return its group."""
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            list(argv), env=env, stdout=sink, stderr=subprocess.STDOUT, text=True
+        )
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not (match := re.search(banner, log.read_text(errors="replace"))):
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop(process)
+            raise AssertionError(f"{argv[1]} did not start:\n{log.read_text(errors='replace')}")
+        time.sleep(0.02)
+    return process, match.group(1)
 
 
 def stop(process: subprocess.Popen[str]) -> int:
@@ -79,27 +89,32 @@ def stop(process: subprocess.Popen[str]) -> int:
         return process.returncode
     process.send_signal(signal.SIGTERM)
     try:
-        return process.wait(timeout=30)
+        return process.wait(timeout=60)  # a warm shutdown finishes the jobs it holds
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
         raise
-    finally:
-        if process.stderr is not None:
-            process.stderr.close()
 
 
-def _start_sim(stack: contextlib.ExitStack, *args: str) -> str:
-    sim = subprocess.Popen(
-        [str(EPICRISIS), "tgi-sim", "--port", "0", *args], stderr=subprocess.PIPE, text=True
-    )
+def _start_sim(stack: contextlib.ExitStack, logs: Path, *args: str) -> str:
+    log = logs / f"sim-{len(list(logs.glob('sim-*')))}.log"
+    argv = [str(EPICRISIS), "tgi-sim", "--port", "0", *args]
+    sim, port = _launch(argv, None, log, r"http://127\.0\.0\.1:(\d+)")
     stack.callback(stop, sim)
-    port = _banner_port(sim, r"http://127\.0\.0\.1:(\d+)")
     return f"http://127.0.0.1:{port}"
 
 
-def _stop_cleanly(process: subprocess.Popen[str]) -> None:
-    assert stop(process) == 0, "the server did not exit 0"
+def _start_server(stack: contextlib.ExitStack, logs: Path, env: dict[str, str], *args: str) -> str:
+    """``epicrisis serve`` with ``args``; its address. Stopped by ``stack``, exiting 0."""
+    log = logs / "server.log"
+    argv = [str(EPICRISIS), "serve", *args]
+    server, port = _launch(argv, env, log, r"serving gRPC on 127\.0\.0\.1:(\d+)")
+
+    def stop_cleanly() -> None:
+        assert stop(server) == 0, f"the server did not exit 0:\n{log.read_text()[-3000:]}"
+
+    stack.callback(stop_cleanly)
+    return f"127.0.0.1:{port}"
 
 
 def _closed_port_url() -> str:
@@ -125,7 +140,7 @@ def deployed(
     exit cleanly."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("EPICRISIS_")}
     with redis_server() as redis, contextlib.ExitStack() as stack:
-        urls = [_start_sim(stack, *sim_args) for _ in range(sims)]
+        urls = [_start_sim(stack, tmp, *sim_args) for _ in range(sims)]
         settings = (
             base
             | {
@@ -147,10 +162,21 @@ def deployed(
         stack.callback(stop_workers)
         for _ in range(workers):
             deployment.start_worker(*worker_args)
-        server = subprocess.Popen(
-            [str(EPICRISIS), "serve"], env=settings, stderr=subprocess.PIPE, text=True
-        )
-        stack.callback(_stop_cleanly, server)
-        port = _banner_port(server, r"127\.0\.0\.1:(\d+)")
-        deployment.target = f"127.0.0.1:{port}"
+        deployment.target = _start_server(stack, tmp, settings)
         yield deployment
+
+
+@contextlib.contextmanager
+def embedded(
+    *, sims: int = 1, sim_args: Sequence[str] = (), env: dict[str, str] | None = None
+) -> Iterator[tuple[str, list[str]]]:
+    """``epicrisis serve --embedded`` in front of ``sims`` simulators: its address and theirs."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith("EPICRISIS_")}
+    with (
+        tempfile.TemporaryDirectory(prefix="epicrisis-embedded-") as tmp,
+        contextlib.ExitStack() as stack,
+    ):
+        logs = Path(tmp)
+        urls = [_start_sim(stack, logs, *sim_args) for _ in range(sims)]
+        settings = base | {"EPICRISIS_LLM_URLS": ",".join(urls), "EPICRISIS_GRPC_PORT": "0"}
+        yield _start_server(stack, logs, settings | (env or {}), "--embedded"), urls

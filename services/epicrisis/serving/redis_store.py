@@ -18,6 +18,9 @@ and the slot as context: a value moved to another job or slot does not open.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -26,7 +29,7 @@ from typing import Any, Self
 
 import orjson
 import redis.asyncio as aioredis
-from redis.exceptions import WatchError
+from redis.exceptions import RedisError, WatchError
 
 from epicrisis.serving.crypto import Sealer
 from epicrisis.serving.jobs import (
@@ -40,8 +43,13 @@ from epicrisis.serving.jobs import (
 from epicrisis.serving.workers import STALE_INTERVALS, WorkerStatus
 from epicrisis.summary.model import DischargeSummary
 
+log = logging.getLogger(__name__)
+
 DEFAULT_TTL_SECONDS = 24 * 3600
 DEFAULT_POLL_SECONDS = 5.0  # the watchers' safety net when a notification is lost
+MAX_CONNECTIONS = 64  # per store (process); watchers share one more for the subscription
+POOL_WAIT_SECONDS = 20.0  # a command waits this long for a free connection
+RESUBSCRIBE_SECONDS = 1.0  # after the subscription's connection drops
 _FORMAT = 1
 _NOT_FOUND = "no such job (it may have expired)"
 
@@ -75,14 +83,23 @@ class RedisJobStore:
         self._prefix = prefix
         self._poll = poll_seconds
         self._drop_idempotency = client.register_script(_DROP_IDEMPOTENCY)
+        self._notifier = _Notifier(client, self._key("events", "*"))
 
     @classmethod
-    def from_url(cls, url: str, sealer: Sealer, **options: Any) -> Self:
-        """A store with its own connection pool (``redis://``, ``rediss://`` for TLS)."""
-        return cls(aioredis.Redis.from_url(url), sealer, **options)
+    def from_url(
+        cls, url: str, sealer: Sealer, *, max_connections: int = MAX_CONNECTIONS, **options: Any
+    ) -> Self:
+        """A store with its own connection pool (``redis://``, ``rediss://`` for TLS). A
+        burst waits for a free connection (up to ``POOL_WAIT_SECONDS``) instead of failing."""
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url, max_connections=max_connections, timeout=POOL_WAIT_SECONDS
+        )
+        return cls(aioredis.Redis(connection_pool=pool), sealer, **options)
 
     async def aclose(self) -> None:
+        await self._notifier.aclose()
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()
 
     async def ping(self) -> None:
         """Raise unless Redis answers (the server's health check)."""
@@ -159,22 +176,26 @@ class RedisJobStore:
     async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:
         """The job now, then after each change, ending with its final state.
 
-        Subscribes before the first read, so no change between the two is missed; a re-read
+        Every watcher of the process shares one subscription (:class:`_Notifier`), so a
+        thousand open ``WatchJob`` calls cost one connection, not a thousand. The watcher
+        registers before the first read, so no change between the two is missed; a re-read
         every ``poll_seconds`` covers notifications lost to a reconnect.
         """
-        pubsub = self._redis.pubsub()
+        changed = self._notifier.register(job_id)
         try:
-            await pubsub.subscribe(self._key("events", job_id))
+            await self._notifier.wait_subscribed(self._poll)
             seen = await self.get(job_id)
             yield seen
             while not seen.final:
-                await pubsub.get_message(ignore_subscribe_messages=True, timeout=self._poll)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), self._poll)
+                changed.clear()  # a change after this sets it again: the next wait sees it
                 current = await self.get(job_id)
                 if current != seen:
                     seen = current
                     yield seen
         finally:
-            await pubsub.aclose()
+            self._notifier.unregister(job_id, changed)
 
     async def discard(self, job_id: str) -> None:
         """Forget a job that never started (its queue was full), and its idempotency key."""
@@ -314,3 +335,73 @@ def _record_from_json(data: dict[str, Any]) -> JobRecord:
         fhir_document=data["fhir_document"],
         error=None if error is None else JobFailure(**error),
     )
+
+
+class _Notifier:
+    """One pattern subscription to ``{prefix}:events:*`` for all watchers of a process.
+
+    A reader task wakes the watchers of each job a message names; when its connection
+    drops it subscribes again after a pause (the watchers poll meanwhile). Started by the
+    first watcher, so a store that never watches holds no subscription.
+    """
+
+    def __init__(self, client: aioredis.Redis, pattern: str) -> None:
+        self._client = client
+        self._pattern = pattern
+        self._prefix = pattern.removesuffix("*")
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    def register(self, job_id: str) -> asyncio.Event:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.create_task(self._read())
+        event = asyncio.Event()
+        self._waiters.setdefault(job_id, set()).add(event)
+        return event
+
+    def unregister(self, job_id: str, event: asyncio.Event) -> None:
+        events = self._waiters.get(job_id)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._waiters[job_id]
+
+    async def wait_subscribed(self, limit: float) -> None:
+        """Until the subscription is live (or ``limit`` passes: the watcher then polls)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), limit)
+
+    async def _read(self) -> None:
+        while True:
+            pubsub = self._client.pubsub()
+            try:
+                await pubsub.psubscribe(self._pattern)
+                self._subscribed.set()
+                self._wake_all()  # changes during a reconnect were missed: re-read
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=60)
+                    if message is not None:
+                        self._wake(_raw(message["channel"]).decode())
+            except (RedisError, OSError) as exc:
+                log.warning("job notifications interrupted (%s); resubscribing", type(exc).__name__)
+            finally:
+                self._subscribed.clear()
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(RESUBSCRIBE_SECONDS)
+
+    def _wake(self, channel: str) -> None:
+        for event in self._waiters.get(channel.removeprefix(self._prefix), ()):
+            event.set()
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+
+    async def aclose(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.gather(self._reader, return_exceptions=True)
+            self._reader = None

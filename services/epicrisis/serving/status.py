@@ -14,6 +14,8 @@ import grpc
 from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 from epicrisis.errors import ConfigurationError, EpicrisisError, InputError
 from epicrisis.serving.jobs import IdempotencyConflict, JobNotFound, QueueFull
@@ -43,6 +45,9 @@ def status_for(exc: BaseException) -> grpc.Status:
         return _status(code_pb2.UNAVAILABLE, str(exc))
     if isinstance(exc, EpicrisisError):
         return _status(code_pb2.INTERNAL, str(exc))
+    if isinstance(exc, RedisError | OperationalError):  # job store or broker away or swamped
+        log.warning("the job store or queue did not answer (%s)", type(exc).__name__)
+        return _status(code_pb2.UNAVAILABLE, "the job store is not answering; retry later")
     log.error("internal error in an RPC (%s)", type(exc).__name__)
     return _status(code_pb2.INTERNAL, "internal error; please report it")
 
