@@ -29,6 +29,7 @@ from epicrisis.serving.jobs import (
     fingerprint,
 )
 from epicrisis.serving.redis_store import RedisJobStore
+from epicrisis.serving.workers import LlmState, WorkerStatus, ready
 from redis_server import RedisServer, redis_server
 
 SAMPLE = resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()
@@ -383,3 +384,77 @@ def test_nothing_from_the_bundle_or_the_summary_is_readable_in_redis(
 
     done = run(scenario)
     assert done.summary is not None and SENTINEL in done.summary.model_dump_json()
+
+
+def test_watchers_share_one_subscription_that_survives_a_dropped_connection(
+    redis_url: str, sealer: Sealer
+) -> None:
+    """Forty watchers through a pool of four connections: one subscription each would
+    exhaust it. Polls are two minutes apart, so every change seen came by pub/sub, also
+    after Redis drops the subscriber's connection."""
+    jobs = 40
+
+    async def scenario() -> list[list[JobState]]:
+        watcher_store = store_for(redis_url, sealer, poll_seconds=120, max_connections=4)
+        worker_store = store_for(redis_url, sealer)
+        try:
+            records = [
+                (await watcher_store.create(idempotency_key=None, request_digest="d"))[0]
+                for _ in range(jobs)
+            ]
+            seen: list[list[JobState]] = [[] for _ in records]
+            started = asyncio.Semaphore(0)
+
+            async def watch(index: int, job_id: str) -> None:
+                async for update in watcher_store.watch(job_id):
+                    seen[index].append(update.state)
+                    started.release()
+
+            watchers = [asyncio.create_task(watch(i, r.id)) for i, r in enumerate(records)]
+            for _ in records:
+                await started.acquire()
+            for record in records[: jobs // 2]:
+                await worker_store.update(record.id, running)
+            with redis.Redis.from_url(redis_url) as admin:
+                assert admin.client_kill_filter(_type="pubsub") == 1  # one subscriber
+            await asyncio.sleep(0.2)  # the next changes land while it resubscribes
+            for record in records:
+                await worker_store.update(record.id, failed)
+            await asyncio.wait_for(asyncio.gather(*watchers), 60)
+            return seen
+        finally:
+            await watcher_store.aclose()
+            await worker_store.aclose()
+
+    for states in run(scenario):
+        assert states[0] is JobState.QUEUED and states[-1] is JobState.FAILED
+
+
+def test_worker_reports_are_fresh_or_dropped_and_withdrawn_on_stop(
+    redis_url: str, sealer: Sealer
+) -> None:
+    def report(worker_id: str, age: float, llm: LlmState = "ready") -> WorkerStatus:
+        return WorkerStatus(worker_id, time.time() - age, llm, running=1, slots=8, interval=1.0)
+
+    async def scenario() -> tuple[list[str], list[str], bool, bool, int]:
+        store = store_for(redis_url, sealer)
+        try:
+            await store.report_worker(report("host-a:1", age=0.0))
+            await store.report_worker(report("host-b:2", age=0.0, llm="down"))
+            await store.report_worker(report("host-c:3", age=10.0))  # three intervals missed
+            live = sorted(w.worker_id for w in await store.live_workers())
+            up = ready(await store.live_workers())
+            await store.forget_worker("host-a:1")
+            after = sorted(w.worker_id for w in await store.live_workers())
+            down = ready(await store.live_workers())  # only a worker that cannot reach a model
+            with redis.Redis.from_url(redis_url) as admin:
+                ttl = admin.pttl("epicrisis:workers:all")
+            return live, after, up, down, ttl
+        finally:
+            await store.aclose()
+
+    live, after, up, down, ttl = run(scenario)
+    assert live == ["host-a:1", "host-b:2"]
+    assert after == ["host-b:2"]
+    assert up and not down
+    assert 0 < ttl <= 3000  # the reports' hash outlives its last beat only briefly

@@ -17,11 +17,15 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
+from kombu.exceptions import OperationalError as KombuOperationalError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from epicrisis.config import Settings
 from epicrisis.serving.jobs import JobOptions
 from epicrisis.serving.server import embedded_service
 from epicrisis.serving.servicer import SERVICE_NAME
+from epicrisis.serving.status import status_for
 from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
 from epicrisis.v1 import summarizer_pb2 as pb
@@ -331,3 +335,26 @@ def test_health_is_not_serving_while_no_model_endpoint_is_healthy() -> None:
         serving, down = run(scenario)
     assert serving == health_pb2.HealthCheckResponse.SERVING
     assert down == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (
+            RedisConnectionError("Error 111 connecting to 10.0.0.5:6379"),
+            grpc.StatusCode.UNAVAILABLE,
+        ),
+        (RedisTimeoutError("Timeout reading from socket"), grpc.StatusCode.UNAVAILABLE),
+        (KombuOperationalError("connection refused"), grpc.StatusCode.UNAVAILABLE),
+        (KeyError("ZEBRA-SENTINEL"), grpc.StatusCode.INTERNAL),
+    ],
+)
+def test_store_and_broker_failures_are_unavailable_and_no_exception_text_leaks(
+    error: Exception, code: grpc.StatusCode
+) -> None:
+    status = status_for(error)
+    assert status.code == code
+    assert status.details in (
+        "the job store is not answering; retry later",
+        "internal error; please report it",
+    )
