@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import redis
 from pydantic import SecretStr
 
 from epicrisis.config import Settings
@@ -25,7 +27,7 @@ from epicrisis.errors import (
     BackendUnavailableError,
     EpicrisisError,
 )
-from epicrisis.pipeline import summarize
+from epicrisis.pipeline import load_stay, summarize
 from epicrisis.serving.crypto import Sealer, new_key_text
 from epicrisis.serving.jobs import JobOptions, JobRecord, JobState
 from epicrisis.serving.queue import (
@@ -127,7 +129,7 @@ async def enqueue_only(queued: Queued, bundle: bytes, options: JobOptions | None
     store = queued.store()
     try:
         record, _ = await store.create(idempotency_key=None, request_digest="d")
-        await store.put_payload(record.id, bundle, options or JobOptions())
+        await store.put_payload(record.id, load_stay(bundle), options or JobOptions())
     finally:
         await store.aclose()
     return record.id
@@ -171,17 +173,32 @@ def test_a_submitted_job_runs_to_the_summary_the_cli_would_give(queued: Queued) 
     assert record.started_at is not None and record.finished_at is not None
 
 
-def test_an_invalid_payload_ends_failed_with_a_reason_and_no_content(queued: Queued) -> None:
-    bundle = b'{"resourceType": "Bundle", "type": "collection", "entry": [{"' + SENTINEL.encode()
+def test_a_payload_of_another_version_ends_failed_with_a_reason_and_no_content(
+    queued: Queued,
+) -> None:
+    """A payload sealed with the right key in a layout this worker does not know (as a
+    server of another version would leave it) fails the job, saying why."""
 
     async def scenario() -> JobRecord:
-        job_id, _ = await enqueue(queued, bundle)
-        return await final(queued, job_id)
+        store = queued.store()
+        try:
+            record, _ = await store.create(idempotency_key=None, request_digest="d")
+        finally:
+            await store.aclose()
+        head = json.dumps({"format": 1, "encounter_id": SENTINEL}).encode()
+        sealed = Sealer.from_settings(queued.settings).seal(
+            len(head).to_bytes(4, "big") + head + SENTINEL.encode(),
+            context=f"epicrisis/payload/{record.id}".encode(),
+        )
+        with redis.Redis.from_url(queued.settings.redis_url) as client:
+            client.set(f"epicrisis:payload:{record.id}", sealed, px=60_000)
+        await asyncio.to_thread(submit, queued.app, record.id)
+        return await final(queued, record.id)
 
     record = run(scenario())
     assert record.state is JobState.FAILED and record.summary is None
-    assert record.error is not None and record.error.code == "invalid-input"
-    assert record.error.message and SENTINEL not in record.error.message
+    assert record.error is not None and "another version" in record.error.message
+    assert SENTINEL not in record.error.message
     assert not record.error.retryable
 
 

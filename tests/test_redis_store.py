@@ -17,7 +17,7 @@ import redis
 from pydantic import SecretStr
 
 from epicrisis.errors import ConfigurationError
-from epicrisis.pipeline import summarize
+from epicrisis.pipeline import load_stay, summarize
 from epicrisis.serving.crypto import Sealer, SealError, new_key_text
 from epicrisis.serving.jobs import (
     IdempotencyConflict,
@@ -33,6 +33,7 @@ from epicrisis.serving.workers import LlmState, WorkerStatus, ready
 from redis_server import RedisServer, redis_server
 
 SAMPLE = resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()
+STAY = load_stay(SAMPLE)
 SENTINEL = "ZEBRA-SENTINEL"
 T = TypeVar("T")
 
@@ -269,16 +270,16 @@ def test_payload_round_trips_and_is_dropped_when_the_job_is_final(
         try:
             record, _ = await store.create(idempotency_key=None, request_digest="d")
             options = JobOptions(encounter_id="enc-1", strict=True, max_output_tokens=512)
-            await store.put_payload(record.id, SAMPLE, options)
-            assert await store.take_payload(record.id) == (SAMPLE, options)
-            assert await store.take_payload(record.id) == (SAMPLE, options)  # redelivery
+            await store.put_payload(record.id, STAY, options)
+            assert await store.take_payload(record.id) == (STAY, options)
+            assert await store.take_payload(record.id) == (STAY, options)  # redelivery
             assert await store.count_run(record.id) == 1
             assert await store.count_run(record.id) == 2
             await store.update(record.id, failed)
             with pytest.raises(JobNotFound):
                 await store.take_payload(record.id)
             with pytest.raises(JobNotFound):
-                await store.put_payload("0" * 32, SAMPLE, options)
+                await store.put_payload("0" * 32, STAY, options)
         finally:
             await store.aclose()
 
@@ -290,7 +291,7 @@ def test_every_key_expires_with_the_ttl(redis_url: str, sealer: Sealer) -> None:
         store = store_for(redis_url, sealer, ttl_seconds=1)
         try:
             record, _ = await store.create(idempotency_key="order-9", request_digest="d")
-            await store.put_payload(record.id, SAMPLE, JobOptions())
+            await store.put_payload(record.id, STAY, JobOptions())
             await store.count_run(record.id)
             await store.update(record.id, running)
             return record.id
@@ -366,7 +367,7 @@ def test_nothing_from_the_bundle_or_the_summary_is_readable_in_redis(
             record, _ = await store.create(
                 idempotency_key=f"{SENTINEL}-mrn", request_digest=fingerprint(bundle)
             )
-            await store.put_payload(record.id, bundle, JobOptions(encounter_id=SENTINEL))
+            await store.put_payload(record.id, load_stay(bundle), JobOptions(encounter_id=SENTINEL))
             await store.update(record.id, running)
             snapshot = everything_in(redis_url)  # with the payload still there
             done = await store.update(

@@ -6,14 +6,17 @@ Bundles are built here, small and to the point of each rule.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from epicrisis.errors import StayError
 from epicrisis.fhir import ingest
-from epicrisis.pipeline import load_stay, render, summarize
+from epicrisis.pipeline import load_stay, render, summarize, summarize_stay
 from epicrisis.stay import gather_stay
+from epicrisis.stay.codec import StayDecodeError, decode_stay, encode_stay
+from epicrisis.summary.render_fhir import render_fhir
 
 BASE = "https://ehr.example.org/fhir/"
 RX = "http://www.nlm.nih.gov/research/umls/rxnorm"
@@ -557,3 +560,28 @@ def test_type_names_and_keys_the_input_invents_are_never_repeated() -> None:
     odd["hivPositiveJohnSmith"] = True
     summary = summarize(bundle(patient(), encounter(), odd))
     assert summary.warnings and all("JohnSmith" not in (w.path or "") for w in summary.warnings)
+
+
+# -- the stay as the server hands it to a queued worker (stay.codec) ---------------------------
+
+
+def test_every_corpus_stay_survives_encoding_and_summarizes_the_same(corpus_bundle: Path) -> None:
+    try:
+        stay = load_stay(corpus_bundle.read_bytes())
+    except StayError:
+        pytest.skip("no finished inpatient stay")
+    decoded = decode_stay(encode_stay(stay))
+    assert decoded == stay
+    assert decoded.encounter.tz.utcoffset(None) == stay.encounter.tz.utcoffset(None)
+    summary = summarize_stay(decoded)
+    assert summary == summarize_stay(stay)
+    assert render_fhir(summary, version="t") == render_fhir(summarize_stay(stay), version="t")
+
+
+@pytest.mark.parametrize(
+    "data", [b"{}", b"[]", b"not json", b'{"patient": "ZEBRA-SENTINEL"}'], ids=repr
+)
+def test_bytes_that_are_not_a_stay_fail_without_echoing_them(data: bytes) -> None:
+    with pytest.raises(StayDecodeError) as raised:
+        decode_stay(data)
+    assert "ZEBRA" not in str(raised.value) and "does not decode" in str(raised.value)

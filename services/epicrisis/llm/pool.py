@@ -284,13 +284,16 @@ class EndpointPool:
         """Probe every endpoint's ``/health`` now; whether any answered.
 
         The worker's heartbeat calls this, so an idle worker notices an outage (and a
-        recovery) before a job meets it: a failing endpoint leaves the rotation, an ejected
-        one that answers comes back, as with the probes of :meth:`lease`.
+        recovery) before a job meets it: a failing endpoint leaves the rotation, and an
+        ejected one whose back-off is over comes back if it answers, as with the probes of
+        :meth:`lease` (an overloaded endpoint still answers ``/health``: its back-off holds).
         """
         answers = await asyncio.gather(*(e.client.health() for e in self.endpoints))
+        now = time.monotonic()
         for endpoint, healthy in zip(self.endpoints, answers, strict=True):
             if healthy:
-                endpoint.ejected_until = None
+                if endpoint.ejected_until is not None and endpoint.ejected_until <= now:
+                    endpoint.ejected_until = None
             elif endpoint.ejected_until is None:
                 endpoint.failures["unavailable"] += 1
                 self._eject(endpoint)

@@ -84,10 +84,9 @@ class JobOptions:
 
 @dataclass(frozen=True, slots=True)
 class Accepted:
-    """A validated request: the stay (for a worker in this process) and what a remote one needs."""
+    """A validated request: the stay and how to summarize it."""
 
     stay: Stay
-    bundle: bytes
     options: JobOptions
     priority: Priority
 

@@ -1,8 +1,8 @@
 """The queued mode's Celery app and its one task, ``run_job(job_id)``, on Redis.
 
-The task is thin: the message carries only the job id (JSON), the Bundle waits sealed in the
-job store, and the work is the same pipeline as the CLI and the embedded worker
-(``load_stay``, a summarizer, ``render_fhir``). The result lands in :class:`RedisJobStore`;
+The task is thin: the message carries only the job id (JSON), the stay the server validated
+waits sealed in the job store, and the work is the same pipeline as the CLI and the embedded
+worker from there on (a summarizer, ``render_fhir``): a Bundle is parsed and validated once. The result lands in :class:`RedisJobStore`;
 Celery's own result is only an outcome word (``succeeded``, ``failed``, ``skipped`` ...).
 
 Ordering: two queues, ``interactive`` and ``batch``; workers run with
@@ -50,14 +50,12 @@ from epicrisis.config import Settings, get_settings
 from epicrisis.errors import ConfigurationError, EpicrisisError
 from epicrisis.llm.client import EndpointDefaults
 from epicrisis.llm.pool import EndpointPool
-from epicrisis.pipeline import load_stay
 from epicrisis.serving.backends import BackendChooser, JobSummarizer
 from epicrisis.serving.crypto import Sealer
 from epicrisis.serving.embedded import job_failure
 from epicrisis.serving.jobs import (
     JobFailure,
     JobNotFound,
-    JobOptions,
     JobState,
     failed,
     started,
@@ -65,7 +63,6 @@ from epicrisis.serving.jobs import (
 )
 from epicrisis.serving.redis_store import RedisJobStore
 from epicrisis.serving.workers import LlmState, WorkerStatus, heartbeat, this_worker_id
-from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
 from epicrisis.summary.render_fhir import render_fhir
 
@@ -168,8 +165,10 @@ class JobRunner:
     ) -> None:
         self.settings = settings
         self.slots = slots  # Celery's concurrency, for the heartbeat
-        self._chooser = BackendChooser(settings) if summarizer is None else None
-        self.summarizer: JobSummarizer = summarizer or self._chooser  # type: ignore[assignment]
+        self._chooser: BackendChooser | None = None  # the deployment's backends (not in tests)
+        if summarizer is None:
+            summarizer = self._chooser = BackendChooser(settings)
+        self.summarizer = summarizer
         self._sealer: Sealer | None = None
         self._job_loop: _JobLoop | None = None
         self._lock = threading.RLock()
@@ -242,24 +241,11 @@ class JobRunner:
         return final.state.value if final.state is JobState.SUCCEEDED else "skipped"
 
     async def _pipeline(self, store: RedisJobStore, job_id: str) -> tuple[DischargeSummary, str]:
-        """Payload to summary and document. The Bundle's bytes die with ``_load``: a job
-        waiting for a generation slot holds its stay's facts, not the Bundle."""
-        stay, options = await self._load(store, job_id)
+        """The stay the server validated, to summary and document (no second parse)."""
+        stay, options = await store.take_payload(job_id)
         summary = await self.summarizer(stay, options)
         document = await asyncio.to_thread(render_fhir, summary, version=__version__)
         return summary, document
-
-    @staticmethod
-    async def _load(store: RedisJobStore, job_id: str) -> tuple[Stay, JobOptions]:
-        bundle, options = await store.take_payload(job_id)
-        stay = await asyncio.to_thread(
-            load_stay,
-            bundle,
-            encounter_id=options.encounter_id,
-            strict=options.strict,
-            allow_emergency=options.allow_emergency,
-        )
-        return stay, options
 
     def _loop(self) -> _JobLoop:
         """This process's loop, started on first use (after a prefork child is forked)."""

@@ -1,4 +1,4 @@
-"""The servicer's worker in the queued mode: sealed payloads to Redis, job ids to Celery.
+"""The servicer's worker in the queued mode: sealed stays to Redis, job ids to Celery.
 
 The server validates and stores; Celery workers (``epicrisis worker``) run the jobs. The
 queue depth is bounded per priority: past ``max_queued`` waiting jobs, Submit answers
@@ -24,7 +24,7 @@ class QueuedWorker:
     async def enqueue(self, job_id: str, accepted: Accepted) -> None:
         if await self._store.queue_depth(accepted.priority) >= self._max_queued:
             raise QueueFull(f"{self._max_queued} {accepted.priority} jobs are waiting; retry later")
-        await self._store.put_payload(job_id, accepted.bundle, accepted.options)
+        await self._store.put_payload(job_id, accepted.stay, accepted.options)
         await asyncio.to_thread(submit, self._app, job_id, priority=accepted.priority)
 
     async def cancel(self, job_id: str) -> JobRecord:

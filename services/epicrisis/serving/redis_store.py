@@ -4,7 +4,8 @@ Key layout (``prefix`` defaults to ``epicrisis``; ids are random hex, hashes are
 with a key derived from the encryption key, so no name holds anything from a request)::
 
     {prefix}:job:{id}            sealed job record (state, progress, summary, FHIR document)
-    {prefix}:payload:{id}        sealed Bundle and options, for the worker; gone once final
+    {prefix}:payload:{id}        sealed stay (the validated facts) and options, for the
+                                 worker; gone once final
     {prefix}:runs:{id}           deliveries of the job to a worker (a counter)
     {prefix}:idem:{hmac(key)}    "{id}:{hmac(request digest)}" for idempotent Submit
     {prefix}:events:{id}         pub/sub channel (not a key): "a record changed, re-read it"
@@ -41,6 +42,8 @@ from epicrisis.serving.jobs import (
     JobState,
 )
 from epicrisis.serving.workers import STALE_INTERVALS, WorkerStatus
+from epicrisis.stay import Stay
+from epicrisis.stay.codec import StayDecodeError, decode_stay, encode_stay
 from epicrisis.summary.model import DischargeSummary
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,7 @@ MAX_CONNECTIONS = 64  # per store (process); watchers share one more for the sub
 POOL_WAIT_SECONDS = 20.0  # a command waits this long for a free connection
 RESUBSCRIBE_SECONDS = 1.0  # after the subscription's connection drops
 _FORMAT = 1
+_PAYLOAD_FORMAT = 2  # 1 carried the Bundle itself
 _NOT_FOUND = "no such job (it may have expired)"
 
 # Deletes the idempotency key only while it still names this job (a later job may own it).
@@ -210,26 +214,28 @@ class RedisJobStore:
 
     # -- the worker's side -----------------------------------------------------------------
 
-    async def put_payload(self, job_id: str, bundle: bytes, options: JobOptions) -> None:
-        """Store the Bundle for the worker, to expire with the job's record."""
+    async def put_payload(self, job_id: str, stay: Stay, options: JobOptions) -> None:
+        """Store the validated stay for the worker, to expire with the job's record."""
         remaining = await self._redis.pttl(self._key("job", job_id))
         if remaining <= 0:  # -2: no record; -1 cannot happen, every record has a TTL
             raise JobNotFound(_NOT_FOUND)
-        head = orjson.dumps(asdict(options))
-        plain = len(head).to_bytes(4, "big") + head + bundle
+        head = orjson.dumps({"format": _PAYLOAD_FORMAT, "options": asdict(options)})
+        plain = len(head).to_bytes(4, "big") + head + encode_stay(stay)
         sealed = self._sealer.seal(plain, context=self._context("payload", job_id))
         await self._redis.set(self._key("payload", job_id), sealed, px=remaining)
 
-    async def take_payload(self, job_id: str) -> tuple[bytes, JobOptions]:
-        """The Bundle and options of a job. Read, not removed: a redelivered task needs it again;
-        the payload is deleted when the job becomes final."""
+    async def take_payload(self, job_id: str) -> tuple[Stay, JobOptions]:
+        """The stay and options of a job. Read, not removed: a redelivered task needs them
+        again; the payload is deleted when the job becomes final."""
         sealed = await self._redis.get(self._key("payload", job_id))
         if sealed is None:
             raise JobNotFound("the job's payload is gone (it may have expired)")
         plain = self._sealer.open(_raw(sealed), context=self._context("payload", job_id))
         size = int.from_bytes(plain[:4], "big")
-        options = JobOptions(**orjson.loads(plain[4 : 4 + size]))
-        return plain[4 + size :], options
+        head = orjson.loads(plain[4 : 4 + size])
+        if not isinstance(head, dict) or head.get("format") != _PAYLOAD_FORMAT:
+            raise StayDecodeError("the job was stored by another version of the server")
+        return decode_stay(plain[4 + size :]), JobOptions(**head["options"])
 
     async def count_run(self, job_id: str) -> int:
         """Count one more delivery of the job to a worker, so a job that kills workers ends."""

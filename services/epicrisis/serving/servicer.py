@@ -154,7 +154,6 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
         key = request.idempotency_key if request.HasField("idempotency_key") else None
         accepted = Accepted(
             stay,
-            request.bundle,
             JobOptions(
                 encounter_id=encounter_id,
                 strict=options.strict,

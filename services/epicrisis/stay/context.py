@@ -8,11 +8,30 @@ summary writers and the prompt linearizer only read them. Every fact keeps ``ref
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import tzinfo
-from typing import Literal
+from datetime import timedelta, timezone, tzinfo
+from typing import Annotated, Literal
+
+from pydantic import PlainSerializer, PlainValidator
 
 from epicrisis.fhir.bundle import DataWarning
 from epicrisis.stay.time import When
+
+
+def _offset_seconds(tz: tzinfo) -> int:
+    offset = tz.utcoffset(None)
+    return 0 if offset is None else int(offset.total_seconds())
+
+
+def _offset_from(value: object) -> tzinfo:
+    if isinstance(value, tzinfo):
+        return value
+    if isinstance(value, int) and abs(value) < 24 * 3600:
+        return timezone(timedelta(seconds=value))
+    raise ValueError("a UTC offset in seconds")
+
+
+# The stay's display offset (from the timestamps, so always fixed); in seconds when encoded.
+Offset = Annotated[tzinfo, PlainValidator(_offset_from), PlainSerializer(_offset_seconds)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +119,7 @@ class EncounterFacts:
     admit_source: Concept | None
     disposition: Concept | None
     service: Concept | None
-    tz: tzinfo
+    tz: Offset
 
 
 @dataclass(frozen=True, slots=True)
