@@ -56,7 +56,8 @@ EMBEDDED_CONCURRENCY = 4
 SLOTS = 128  # max_concurrent_requests of each simulator
 TOKEN_SECONDS = 0.05  # 20 tokens/s a sequence at a full batch: see markdown()
 FIRST_TOKEN_SECONDS = 0.2
-BACKLOG_PER_SLOT = 2.5  # jobs submitted at once, per slot on offer
+BACKLOG_PER_SLOT = 2.5  # jobs queued before the worker starts, per slot on offer
+SUBMITTERS = 8  # concurrent Submit calls while the backlog is queued
 SATURATION_SECONDS = 240.0  # bound on one saturation run, from the worker's start
 SAMPLE_SECONDS = 0.1
 GOAL = 0.95
@@ -260,12 +261,14 @@ async def _saturate(running: Deployment, backlog: int, bound: float) -> Saturati
     ):
         stub = pb_grpc.DischargeSummarizerStub(channel)
         submitting = time.perf_counter()
-        ids = [
-            job.id
-            for job in await asyncio.gather(
-                *(stub.Submit(request, timeout=bound) for request in requests)
-            )
-        ]
+        callers = asyncio.Semaphore(SUBMITTERS)
+
+        async def submit(request: pb.SubmitRequest) -> str:
+            async with callers:
+                job = await stub.Submit(request, timeout=60.0)
+                return job.id
+
+        ids = await asyncio.gather(*(submit(request) for request in requests))
         submit_seconds = time.perf_counter() - submitting
         t0 = 0.0
 

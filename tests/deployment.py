@@ -32,6 +32,9 @@ LLM = pb.SummaryOptions(backend=pb.BACKEND_LLM)
 
 @dataclass
 class Deployment:
+    """A running queued deployment: the server's address, the environment its processes
+    share, the simulators' URLs, and the workers (logging to one file)."""
+
     target: str
     env: dict[str, str]
     sims: list[str]  # base URLs of the simulators the worker uses
