@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import pickle
+import socket
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -340,6 +341,26 @@ def test_a_bad_answer_then_a_good_one_is_not_a_fallback(
 
 
 # -- several endpoints ------------------------------------------------------------------
+
+
+def test_a_health_check_is_not_held_up_by_an_endpoint_that_never_answers(
+    shared_sim: SimulatorThread,
+) -> None:
+    """A port that accepts connections and then says nothing (a hung host): its probe times
+    out and leaves the rotation; the healthy endpoint still makes the answer True."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)  # the kernel completes the handshake; nobody ever reads
+        silent_url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+
+        async def run() -> tuple[bool, list[Any]]:
+            async with pool_for(silent_url, shared_sim.base_url) as pool:
+                answered = await asyncio.wait_for(pool.check_health(timeout=0.5), 10)
+                return answered, pool.stats()
+
+        answered, stats = asyncio.run(run())
+    assert answered
+    assert not stats[0].healthy and stats[1].healthy
 
 
 def test_one_endpoint_down_moves_traffic_to_the_other(

@@ -29,6 +29,7 @@ from epicrisis.errors import (
 )
 from epicrisis.llm.client import EndpointClient, EndpointDefaults, EndpointInfo
 
+HEALTH_PROBE_SECONDS = 1.5  # within the health watchdog's 2 s and the heartbeat's interval
 _KINDS: tuple[tuple[type[BackendError], str], ...] = (
     (BackendUnavailableError, "unavailable"),
     (BackendOverloadedError, "overloaded"),
@@ -280,15 +281,23 @@ class EndpointPool:
             endpoint.failures["unavailable"] += 1
             self._eject(endpoint)
 
-    async def check_health(self) -> bool:
-        """Probe every endpoint's ``/health`` now; whether any answered.
+    async def check_health(self, timeout: float = HEALTH_PROBE_SECONDS) -> bool:
+        """Probe every endpoint's ``/health`` now, each for at most ``timeout`` seconds (one
+        endpoint that drops packets must not hide the others); whether any answered.
 
         The worker's heartbeat calls this, so an idle worker notices an outage (and a
         recovery) before a job meets it: a failing endpoint leaves the rotation, and an
         ejected one whose back-off is over comes back if it answers, as with the probes of
         :meth:`lease` (an overloaded endpoint still answers ``/health``: its back-off holds).
         """
-        answers = await asyncio.gather(*(e.client.health() for e in self.endpoints))
+
+        async def probe(endpoint: Endpoint) -> bool:
+            try:
+                return await asyncio.wait_for(endpoint.client.health(), timeout)
+            except TimeoutError:
+                return False
+
+        answers = await asyncio.gather(*(probe(e) for e in self.endpoints))
         now = time.monotonic()
         for endpoint, healthy in zip(self.endpoints, answers, strict=True):
             if healthy:

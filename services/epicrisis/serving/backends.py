@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from epicrisis.config import Settings
 from epicrisis.errors import ConfigurationError
 from epicrisis.llm.backend import llm_summary
-from epicrisis.llm.pool import EndpointPool
+from epicrisis.llm.pool import HEALTH_PROBE_SECONDS, EndpointPool
 from epicrisis.pipeline import summarize_stay
 from epicrisis.serving.jobs import JobOptions
 from epicrisis.stay import Stay
@@ -43,11 +43,11 @@ class BackendChooser:
             settings=self._settings,
         )
 
-    async def llm_health(self) -> bool | None:
+    async def llm_health(self, timeout: float = HEALTH_PROBE_SECONDS) -> bool | None:
         """Whether some LLM endpoint answers ``/health`` now; None without one configured."""
         if not self._settings.llm_urls:
             return None
-        return await self._pool().check_health()
+        return await self._pool().check_health(timeout)
 
     def _pool(self) -> EndpointPool:
         loop = asyncio.get_running_loop()

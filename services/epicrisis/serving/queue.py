@@ -49,7 +49,7 @@ from epicrisis import __version__
 from epicrisis.config import Settings, get_settings
 from epicrisis.errors import ConfigurationError, EpicrisisError
 from epicrisis.llm.client import EndpointDefaults
-from epicrisis.llm.pool import EndpointPool
+from epicrisis.llm.pool import HEALTH_PROBE_SECONDS, EndpointPool
 from epicrisis.serving.backends import BackendChooser, JobSummarizer
 from epicrisis.serving.crypto import Sealer
 from epicrisis.serving.embedded import job_failure
@@ -269,10 +269,7 @@ class JobRunner:
         interval = self.settings.worker_heartbeat_seconds
         llm: LlmState = "none"
         if self._chooser is not None:
-            try:
-                healthy = await asyncio.wait_for(self._chooser.llm_health(), interval)
-            except TimeoutError:
-                healthy = False
+            healthy = await self._chooser.llm_health(timeout=min(interval, HEALTH_PROBE_SECONDS))
             llm = "none" if healthy is None else "ready" if healthy else "down"
         return WorkerStatus(
             worker_id=this_worker_id(),
