@@ -389,8 +389,9 @@ def _runner_of(sender: Any) -> JobRunner | None:
 
 
 def _prepare_worker(sender: Any = None, **_: Any) -> None:
-    """Refuse to start a worker that could not open a payload (Celery logs and ignores
-    exceptions from signal handlers; SystemExit gets through and prints one line)."""
+    """Before the worker starts: refuse to run without the keys that open payloads (Celery
+    logs and ignores exceptions from signal handlers; SystemExit gets through and prints
+    one line), note the concurrency for the heartbeat, quiet per-request HTTP logging."""
     runner = _runner_of(sender)
     if runner is not None:
         try:
@@ -412,6 +413,7 @@ def _start_loop(sender: Any = None, **_: Any) -> None:
 
 
 def _close_loop(sender: Any = None, **_: Any) -> None:
+    """After a warm shutdown has finished the running jobs: withdraw the heartbeat, close."""
     runner = _runner_of(sender)
     if runner is not None:
         runner.close()
