@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from epicrisis.errors import (
     BackendUnavailableError,
     EpicrisisError,
 )
+from epicrisis.llm.simulator import SimulatorConfig, SimulatorThread
 from epicrisis.pipeline import load_stay, summarize
 from epicrisis.serving.crypto import Sealer, new_key_text
 from epicrisis.serving.jobs import JobOptions, JobRecord, JobState
@@ -39,6 +41,7 @@ from epicrisis.serving.queue import (
     _retry_allowed,
     create_app,
     submit,
+    worker_concurrency,
 )
 from epicrisis.serving.redis_store import RedisJobStore
 from epicrisis.stay import Stay
@@ -345,3 +348,17 @@ def test_the_task_retries_a_retryable_backend_error_then_fails_and_never_retries
         assert rejected.error is not None and not rejected.error.retryable
     finally:
         runner.close()
+
+
+def test_worker_concurrency_follows_the_endpoints_and_assumes_tgi_defaults_while_loading(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on: a TGI still loading
+        probe.bind(("127.0.0.1", 0))
+        loading = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    with SimulatorThread(SimulatorConfig(port=0, max_concurrent_requests=40)) as sim:
+        sized = worker_concurrency(Settings(llm_urls=[sim.base_url, loading]))
+        capped = worker_concurrency(Settings(llm_urls=[sim.base_url], llm_max_in_flight=10))
+    assert sized == (40 + 128) + (40 + 128) // 8
+    assert capped == 10 + 2
+    assert worker_concurrency(Settings(llm_urls=[])) == (os.cpu_count() or 2)

@@ -9,12 +9,13 @@ with a key derived from the encryption key, so no name holds anything from a req
     {prefix}:runs:{id}           deliveries of the job to a worker (a counter)
     {prefix}:idem:{hmac(key)}    "{id}:{hmac(request digest)}" for idempotent Submit
     {prefix}:events:{id}         pub/sub channel (not a key): "a record changed, re-read it"
-    {prefix}:workers             hash: worker process -> its last heartbeat (plain JSON: a
+    {prefix}:workers:all         hash: worker process -> its last heartbeat (plain JSON: a
                                  host and pid, times and counts; nothing about a job)
 
-Every key is written with the store's TTL (default 24 h), and updates keep the remaining TTL,
-so nothing about a job outlives its record; the workers' hash lives a few heartbeats. Values are sealed (:mod:`crypto`) with the job id
-and the slot as context: a value moved to another job or slot does not open.
+Every job key is written with the store's TTL (default 24 h), and updates keep the remaining
+TTL, so nothing about a job outlives its record; the workers' hash lives three heartbeats
+past the last one. Values are sealed (:mod:`crypto`) with the job id and the slot as context:
+a value moved to another job or slot does not open.
 """
 
 from __future__ import annotations
