@@ -44,7 +44,6 @@ from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_ready, worker_shutdown
 from kombu.entity import Exchange, Queue
-from redis.exceptions import RedisError
 
 from epicrisis import __version__
 from epicrisis.config import Settings, get_settings
@@ -220,7 +219,9 @@ class JobRunner:
             log.warning("job %s expired before it ran", job_id)
             return "expired"
         try:
-            outcome = await self._unless_ended(store, job_id)
+            summary, document = await asyncio.wait_for(
+                self._pipeline(store, job_id), self.settings.job_timeout_seconds
+            )
         except JobNotFound:
             log.warning("job %s expired before it ran", job_id)
             return "expired"
@@ -236,31 +237,8 @@ class JobRunner:
             log.error("job %s failed with an internal error (%s)", job_id, type(exc).__name__)
             failure = JobFailure("internal", "internal error; please report it", True)
             return await _fail(store, job_id, failure)
-        if outcome is None:
-            return "stopped"  # cancelled while it ran: its generation was dropped
-        final = await store.update(job_id, succeeded(*outcome))
+        final = await store.update(job_id, succeeded(summary, document))
         return final.state.value if final.state is JobState.SUCCEEDED else "skipped"
-
-    async def _unless_ended(
-        self, store: RedisJobStore, job_id: str
-    ) -> tuple[DischargeSummary, str] | None:
-        """The pipeline within the job's time limit, stopped (None) as soon as the job turns
-        final elsewhere (CancelJob, a Summarize deadline): cancelling it closes the model
-        request, and TGI drops a sequence whose client has gone, freeing the slot."""
-        work = asyncio.ensure_future(
-            asyncio.wait_for(self._pipeline(store, job_id), self.settings.job_timeout_seconds)
-        )
-        ended = asyncio.ensure_future(_until_final(store, job_id))
-        try:
-            await asyncio.wait({work, ended}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in (work, ended):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(work, ended, return_exceptions=True)
-        if work.cancelled():
-            return None
-        return work.result()  # the pipeline's answer, or its exception
 
     async def _pipeline(self, store: RedisJobStore, job_id: str) -> tuple[DischargeSummary, str]:
         """The stay the server validated, to summary and document (no second parse)."""
@@ -312,18 +290,6 @@ class JobRunner:
         if self._chooser is not None:
             closers.insert(0, self._chooser.aclose)
         jobs.close(*closers)
-
-
-async def _until_final(store: RedisJobStore, job_id: str) -> None:
-    """Returns once the job is final; never, if it cannot be watched (the job then runs on:
-    a lost watch must not stop work)."""
-    try:
-        async for record in store.watch(job_id):
-            if record.final:
-                return
-    except (EpicrisisError, RedisError, OSError) as exc:
-        log.warning("job %s: cancellation watch lost (%s)", job_id, type(exc).__name__)
-    await asyncio.Event().wait()
 
 
 async def _fail(store: RedisJobStore, job_id: str, failure: JobFailure) -> str:
