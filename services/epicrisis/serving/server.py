@@ -89,20 +89,15 @@ async def embedded_service(
     )
     await worker.start()
     await server.start()
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    await _set_status(health_servicer, health_pb2.HealthCheckResponse.SERVING)
 
     async def llm_answers() -> bool:  # True without an LLM: the extractive backend serves
         return await chooser.llm_health() is not False
 
-    watchdog = asyncio.create_task(_watch([llm_answers], health_servicer))
     try:
-        yield server, port, health_servicer
+        async with _watched(server, health_servicer, [llm_answers], settings):
+            yield server, port, health_servicer
     finally:
-        watchdog.cancel()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.stop(settings.shutdown_grace_seconds)
         await worker.stop()
         await chooser.aclose()
 
@@ -142,18 +137,37 @@ async def queued_service(
     async def workers_ready() -> bool:  # alive, and reaching a model (their heartbeats)
         return ready(await store.live_workers())
 
-    watchdog = asyncio.create_task(_watch([redis_answers, workers_ready], health_servicer))
     try:
-        yield server, port, health_servicer
+        async with _watched(server, health_servicer, [redis_answers, workers_ready], settings):
+            yield server, port, health_servicer
     finally:
-        watchdog.cancel()
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        await server.stop(settings.shutdown_grace_seconds)
         await store.aclose()
 
 
 Check = Callable[[], Awaitable[bool]]
+
+
+@contextlib.asynccontextmanager
+async def _watched(
+    server: grpc.aio.Server,
+    health_servicer: health.aio.HealthServicer,
+    checks: list[Check],
+    settings: Settings,
+) -> AsyncIterator[None]:
+    """Health follows ``checks`` while the body runs; then NOT_SERVING and a drained stop."""
+    watchdog = asyncio.create_task(_watch(checks, health_servicer))
+    try:
+        yield
+    finally:
+        watchdog.cancel()
+        await _set_status(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(settings.shutdown_grace_seconds)
+
+
+async def _set_status(health_servicer: health.aio.HealthServicer, status: int) -> None:
+    """The same status for the whole server ("") and the summarizer service."""
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, status)
 
 
 async def _watch(checks: list[Check], health_servicer: health.aio.HealthServicer) -> None:
@@ -173,8 +187,7 @@ async def _watch(checks: list[Check], health_servicer: health.aio.HealthServicer
             if ok
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", SERVICE_NAME):
-            await health_servicer.set(name, status)
+        await _set_status(health_servicer, status)
         await asyncio.sleep(2.0)
 
 
