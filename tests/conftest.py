@@ -54,6 +54,8 @@ def _drop_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in list(os.environ):
         if name.startswith("EPICRISIS_"):
             monkeypatch.delenv(name)
+    # Servers and workers started by tests serve /metrics on any free port, as they do gRPC.
+    monkeypatch.setenv("EPICRISIS_METRICS_PORT", "0")
     get_settings.cache_clear()
 
 

@@ -151,6 +151,7 @@ def deployed(
                 "EPICRISIS_ENCRYPTION_KEY": new_key_text(),
                 "EPICRISIS_LLM_URLS": ",".join(urls + [_closed_port_url()] * dead_endpoints),
                 "EPICRISIS_GRPC_PORT": "0",
+                "EPICRISIS_METRICS_PORT": "0",
                 "EPICRISIS_WORKER_HEARTBEAT_SECONDS": "0.5",
                 "EPICRISIS_JOB_RETRY_BACKOFF_MAX_SECONDS": "4",
             }
@@ -181,5 +182,9 @@ def embedded(
     ):
         logs = Path(tmp)
         urls = [_start_sim(stack, logs, *sim_args) for _ in range(sims)]
-        settings = base | {"EPICRISIS_LLM_URLS": ",".join(urls), "EPICRISIS_GRPC_PORT": "0"}
+        settings = base | {
+            "EPICRISIS_LLM_URLS": ",".join(urls),
+            "EPICRISIS_GRPC_PORT": "0",
+            "EPICRISIS_METRICS_PORT": "0",
+        }
         yield _start_server(stack, logs, settings | (env or {}), "--embedded"), urls

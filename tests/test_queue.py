@@ -84,7 +84,11 @@ def wait_until_ready(worker: subprocess.Popen[bytes], log: Path) -> None:
 def celery_worker(redis_url: str, key: str, log: Path, *, concurrency: int = 2) -> Iterator[None]:
     """``celery worker`` as a subprocess on ``redis_url``; stopped with SIGTERM (warm shutdown)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("EPICRISIS_")}
-    env |= {"EPICRISIS_REDIS_URL": redis_url, "EPICRISIS_ENCRYPTION_KEY": key}
+    env |= {
+        "EPICRISIS_REDIS_URL": redis_url,
+        "EPICRISIS_ENCRYPTION_KEY": key,
+        "EPICRISIS_METRICS_PORT": "0",
+    }
     with log.open("wb") as sink:
         worker = subprocess.Popen(
             [

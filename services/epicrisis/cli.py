@@ -148,9 +148,12 @@ def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from epicrisis.config import get_settings
+    from epicrisis.observability.logs import configure_logging
     from epicrisis.serving.server import run_server
 
-    asyncio.run(run_server(get_settings(), embedded=args.embedded))
+    settings = get_settings()
+    configure_logging("server", log_format=settings.log_format, level=settings.log_level)
+    asyncio.run(run_server(settings, embedded=args.embedded))
     return 0
 
 

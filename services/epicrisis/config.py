@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -50,6 +50,12 @@ class Settings(BaseSettings):
     encryption_key: SecretStr | None = None  # base64 of 32 random bytes, or id:key,id:key
     encryption_key_file: Path | None = None  # a mounted secret holding the same text
     worker_heartbeat_seconds: float = Field(5.0, gt=0)  # workers report to the server's health
+
+    # -- operations: metrics, logs (traces follow the standard OTEL_* environment) ----------
+    metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus to scrape
+    metrics_port: int | None = Field(None, ge=0, le=65535)  # None: 9464 serve, 9465 worker
+    log_format: Literal["auto", "json", "text"] = "auto"  # auto: json unless on a terminal
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # -- the LLM backend: TGI, or any OpenAI-compatible server (vLLM, SGLang) ------------
     # EPICRISIS_LLM_URLS=http://tgi-0:8080,http://tgi-1:8080 (comma-separated, not JSON)

@@ -182,6 +182,7 @@ def _provenance(p: pb.Provenance) -> Provenance:
         ],
         grounding=p.grounding if p.HasField("grounding") else None,
         timings_ms=dict(p.timings_ms) or None,
+        prompt_budget_used=p.prompt_budget_used if p.HasField("prompt_budget_used") else None,
     )
 
 

@@ -19,11 +19,15 @@ from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from epicrisis import __version__
 from epicrisis.config import Settings, get_settings
 from epicrisis.errors import BackendError, BackendUnavailableError, ConfigurationError
 from epicrisis.llm.client import EOT, ChatResult
-from epicrisis.llm.pool import EndpointPool
+from epicrisis.llm.pool import EndpointPool, failure_kind
+from epicrisis.observability import metrics
+from epicrisis.observability.tracing import tracer
 from epicrisis.prompt import (
     ANSWER_SCHEMA,
     PromptResult,
@@ -141,6 +145,8 @@ async def llm_summary(
                 _provenance(ledger, answer.prompt, verification),
             )
         failed.append((verification, answer.result))
+        for rule in sorted({issue.rule for issue in verification.issues}):
+            metrics.VERIFICATION_FAILURES.labels(rule).inc()
         log.info("LLM answer failed verification: %s", "; ".join(verification.problems[:5]))
     ledger.timings["total"] = time.monotonic() - started
     provenance = _fallback(ledger, answer.prompt, failed)
@@ -202,6 +208,7 @@ class _Call:
                     delay = 0.0 if other else self.retry.backoff(failures)
                 if time.monotonic() + delay >= deadline:
                     raise
+                metrics.LLM_RETRIES.labels(failure_kind(error)).inc()
                 log.info("%s; retrying in %.2f s", error, delay)
                 await asyncio.sleep(delay)
 
@@ -226,16 +233,28 @@ class _Call:
                 ledger.timings["prompt"] += time.monotonic() - clock
                 self.prompts[budget] = prompt
             clock = time.monotonic()
-            result = await endpoint.client.chat(
-                prompt.messages,
-                schema=ANSWER_SCHEMA,
-                max_tokens=self.max_output_tokens,
-                temperature=self.temperature,
-                top_p=self.top_p,
-                stop=(EOT,),
-                seed=seed,
-            )
-            ledger.timings["generation"] += time.monotonic() - clock
+            with tracer.start_as_current_span(
+                "llm.generate",
+                kind=trace.SpanKind.CLIENT,
+                attributes={
+                    "epicrisis.llm.endpoint": endpoint.index,
+                    "gen_ai.request.max_tokens": self.max_output_tokens,
+                    "gen_ai.usage.input_tokens": prompt.token_count,
+                },
+            ) as span:
+                result = await endpoint.client.chat(
+                    prompt.messages,
+                    schema=ANSWER_SCHEMA,
+                    max_tokens=self.max_output_tokens,
+                    temperature=self.temperature,
+                    top_p=self.top_p,
+                    stop=(EOT,),
+                    seed=seed,
+                )
+                span.set_attribute("gen_ai.usage.output_tokens", result.completion_tokens or 0)
+            elapsed = time.monotonic() - clock
+            ledger.timings["generation"] += elapsed
+            metrics.LLM_REQUEST_DURATION.labels(str(endpoint.index)).observe(elapsed)
         ledger.prompt_tokens += result.prompt_tokens or prompt.token_count
         ledger.generated_tokens += result.completion_tokens or 0
         ledger.model = result.model or info.model_id
@@ -275,6 +294,12 @@ def _omitted(omissions: Sequence[PromptOmission]) -> list[Omission]:
     ]
 
 
+def _budget_used(prompt: PromptResult) -> float | None:
+    if prompt.max_input_tokens <= 0:
+        return None
+    return round(prompt.token_count / prompt.max_input_tokens, 4)
+
+
 def _timings(ledger: _Ledger) -> dict[str, float]:
     return {name: round(seconds * 1000, 1) for name, seconds in ledger.timings.items()}
 
@@ -286,6 +311,7 @@ def _provenance(ledger: _Ledger, prompt: PromptResult, verification: Verificatio
         model=ledger.model,
         prompt_tokens=ledger.prompt_tokens,
         generated_tokens=ledger.generated_tokens,
+        prompt_budget_used=_budget_used(prompt),
         omitted=_omitted(prompt.omitted),
         grounding=verification.grounding,
         timings_ms=_timings(ledger),
@@ -315,6 +341,7 @@ def _fallback(
         fallback_reason=reason,
         prompt_tokens=ledger.prompt_tokens,
         generated_tokens=ledger.generated_tokens,
+        prompt_budget_used=_budget_used(prompt),
         omitted=_omitted(prompt.omitted),
         timings_ms=_timings(ledger),
     )

@@ -28,6 +28,7 @@ from epicrisis.errors import (
     ConfigurationError,
 )
 from epicrisis.llm.client import EndpointClient, EndpointDefaults, EndpointInfo
+from epicrisis.observability import metrics
 
 HEALTH_PROBE_SECONDS = 1.5  # within the health watchdog's 2 s and the heartbeat's interval
 _KINDS: tuple[tuple[type[BackendError], str], ...] = (
@@ -189,13 +190,16 @@ class EndpointPool:
             break
         endpoint.in_flight += 1
         endpoint.requests += 1
+        label = str(endpoint.index)
         try:
             yield endpoint
         except BackendError as error:
             self.record_failure(endpoint, error)
+            metrics.LLM_REQUESTS.labels(label, failure_kind(error)).inc()
             raise
         else:
             endpoint.strikes = 0
+            metrics.LLM_REQUESTS.labels(label, "ok").inc()
         finally:
             endpoint.in_flight -= 1
             endpoint.semaphore.release()

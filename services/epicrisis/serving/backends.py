@@ -15,6 +15,7 @@ from epicrisis.config import Settings
 from epicrisis.errors import ConfigurationError
 from epicrisis.llm.backend import llm_summary
 from epicrisis.llm.pool import HEALTH_PROBE_SECONDS, EndpointPool
+from epicrisis.observability import metrics
 from epicrisis.pipeline import summarize_stay
 from epicrisis.serving.jobs import JobOptions
 from epicrisis.stay import Stay
@@ -33,15 +34,18 @@ class BackendChooser:
     async def __call__(self, stay: Stay, options: JobOptions) -> DischargeSummary:
         backend = options.backend or ("llm" if self._settings.llm_urls else "extractive")
         if backend == "extractive":
-            return await asyncio.to_thread(summarize_stay, stay)
-        if not self._settings.llm_urls:
+            summary = await asyncio.to_thread(summarize_stay, stay)
+        elif not self._settings.llm_urls:
             raise ConfigurationError("this deployment has no LLM endpoint (EPICRISIS_LLM_URLS)")
-        return await llm_summary(
-            stay,
-            self._pool(),
-            max_output_tokens=options.max_output_tokens,
-            settings=self._settings,
-        )
+        else:
+            summary = await llm_summary(
+                stay,
+                self._pool(),
+                max_output_tokens=options.max_output_tokens,
+                settings=self._settings,
+            )
+        metrics.record_summary(summary)
+        return summary
 
     async def llm_health(self, timeout: float = HEALTH_PROBE_SECONDS) -> bool | None:
         """Whether some LLM endpoint answers ``/health`` now; None without one configured."""
@@ -55,6 +59,7 @@ class BackendChooser:
         if pool is None:
             pool = EndpointPool.from_settings(self._settings)
             self._pools[loop] = pool
+            metrics.watch_pool(pool)
         return pool
 
     async def aclose(self) -> None:

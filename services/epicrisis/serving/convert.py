@@ -86,6 +86,7 @@ def summary_message(summary: DischargeSummary) -> pb.DischargeSummary:
             ],
             grounding=prov.grounding,
             timings_ms=prov.timings_ms or {},
+            prompt_budget_used=prov.prompt_budget_used,
         ),
         warnings=[pb.DataWarning(**w.model_dump()) for w in summary.warnings],
     )

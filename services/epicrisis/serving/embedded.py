@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 from epicrisis import __version__
 from epicrisis.errors import EpicrisisError, InputError
+from epicrisis.observability import metrics
+from epicrisis.observability.tracing import job_span
 from epicrisis.serving.backends import JobSummarizer
 from epicrisis.serving.jobs import (
     Accepted,
@@ -27,6 +30,7 @@ from epicrisis.serving.jobs import (
 from epicrisis.summary.render_fhir import render_fhir
 
 log = logging.getLogger(__name__)
+QUEUE_NAME = "embedded"  # the queue label of the in-process worker's one queue
 
 
 class EmbeddedWorker:
@@ -44,6 +48,15 @@ class EmbeddedWorker:
         self._concurrency = concurrency
         self._consumers: list[asyncio.Task[None]] = []
         self._running: dict[str, asyncio.Task[None]] = {}
+        self._waiting_since: dict[str, float] = {}  # job id -> when it was queued (monotonic)
+        metrics.JOB_SLOTS.set(concurrency)
+
+    def sample_queue(self) -> None:
+        """Set the queue gauges (the server's watch loop calls this every few seconds)."""
+        oldest = min(self._waiting_since.values(), default=None)
+        metrics.QUEUE_DEPTH.labels(QUEUE_NAME).set(self._queue.qsize())
+        age = 0.0 if oldest is None else time.monotonic() - oldest
+        metrics.QUEUE_OLDEST_AGE.labels(QUEUE_NAME).set(age)
 
     async def start(self) -> None:
         self._consumers = [asyncio.create_task(self._consume()) for _ in range(self._concurrency)]
@@ -56,6 +69,7 @@ class EmbeddedWorker:
     async def enqueue(self, job_id: str, accepted: Accepted) -> None:
         try:
             self._queue.put_nowait((job_id, accepted))
+            self._waiting_since[job_id] = time.monotonic()
         except asyncio.QueueFull:
             raise QueueFull(f"{self._queue.maxsize} jobs are waiting; retry later") from None
 
@@ -69,6 +83,7 @@ class EmbeddedWorker:
     async def _consume(self) -> None:
         while True:
             job_id, accepted = await self._queue.get()
+            self._waiting_since.pop(job_id, None)
             try:
                 record = await self._store.get(job_id)
                 if not record.final:  # cancelled while it waited
@@ -81,9 +96,11 @@ class EmbeddedWorker:
 
     async def _run(self, job_id: str, accepted: Accepted) -> None:
         await self._store.update(job_id, started)
+        metrics.JOBS_RUNNING.inc()
         try:
-            summary = await self._summarizer(accepted.stay, accepted.options)
-            document = await asyncio.to_thread(render_fhir, summary, version=__version__)
+            with job_span(job_id, accepted.options.trace_context):
+                summary = await self._summarizer(accepted.stay, accepted.options)
+                document = await asyncio.to_thread(render_fhir, summary, version=__version__)
         except asyncio.CancelledError:
             return  # CancelJob already recorded the final state
         except EpicrisisError as exc:
@@ -95,6 +112,8 @@ class EmbeddedWorker:
                 job_id, JobFailure("internal", "internal error; please report it", True)
             )
             return
+        finally:
+            metrics.JOBS_RUNNING.dec()
         await self._store.update(job_id, succeeded(summary, document))
 
     async def _fail(self, job_id: str, failure: JobFailure) -> None:

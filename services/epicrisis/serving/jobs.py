@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import Literal
 
 from epicrisis.errors import EpicrisisError
+from epicrisis.observability import metrics
 from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
 
@@ -80,6 +81,7 @@ class JobOptions:
     allow_emergency: bool = False
     backend: str | None = None  # "extractive" | "llm"; None: the worker's default
     max_output_tokens: int | None = None
+    trace_context: dict[str, str] = field(default_factory=dict)  # W3C traceparent of Submit
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +126,19 @@ def failed(failure: JobFailure) -> Callable[[JobRecord], JobRecord]:
 
 def cancelled(record: JobRecord) -> JobRecord:
     return replace(record, state=JobState.CANCELLED, finished_at=time.time())
+
+
+def observe_transition(before: JobRecord, after: JobRecord) -> None:
+    """Count a change of state in the process that made it (so each is counted once): the
+    wait in the queue at the first start, the job's end-to-end time when it turns final."""
+    if after.started_at is not None and before.started_at is None:
+        metrics.STAGE_DURATION.labels("queue_wait").observe(
+            max(after.started_at - after.created_at, 0.0)
+        )
+    if after.final and not before.final:
+        metrics.JOBS_FINISHED.labels(after.state.value).inc()
+        finished = after.finished_at or time.time()
+        metrics.STAGE_DURATION.labels("end_to_end").observe(max(finished - after.created_at, 0.0))
 
 
 def fingerprint(*parts: bytes | str | None) -> str:
@@ -192,8 +207,9 @@ class MemoryJobStore:
         if slot.record.final:
             return slot.record
         async with slot.changed:
-            slot.record = change(slot.record)
+            before, slot.record = slot.record, change(slot.record)
             slot.changed.notify_all()
+        observe_transition(before, slot.record)
         return slot.record
 
     async def watch(self, job_id: str) -> AsyncIterator[JobRecord]:

@@ -42,14 +42,17 @@ from typing import Any, Final, Literal, TypeVar
 
 from celery import Celery
 from celery.exceptions import SoftTimeLimitExceeded
-from celery.signals import worker_init, worker_ready, worker_shutdown
+from celery.signals import setup_logging, worker_init, worker_ready, worker_shutdown
 from kombu.entity import Exchange, Queue
 
 from epicrisis import __version__
 from epicrisis.config import Settings, get_settings
-from epicrisis.errors import ConfigurationError, EpicrisisError
+from epicrisis.errors import BackendError, ConfigurationError, EpicrisisError
 from epicrisis.llm.client import EndpointDefaults
-from epicrisis.llm.pool import HEALTH_PROBE_SECONDS, EndpointPool
+from epicrisis.llm.pool import HEALTH_PROBE_SECONDS, EndpointPool, failure_kind
+from epicrisis.observability import metrics
+from epicrisis.observability.logs import JOB_ID, configure_logging
+from epicrisis.observability.tracing import configure_tracing, job_span, shutdown_tracing
 from epicrisis.serving.backends import BackendChooser, JobSummarizer
 from epicrisis.serving.crypto import Sealer
 from epicrisis.serving.embedded import job_failure
@@ -61,7 +64,7 @@ from epicrisis.serving.jobs import (
     started,
     succeeded,
 )
-from epicrisis.serving.redis_store import RedisJobStore
+from epicrisis.serving.redis_store import ENQUEUED_AT_HEADER, RedisJobStore
 from epicrisis.serving.workers import LlmState, WorkerStatus, heartbeat, this_worker_id
 from epicrisis.summary.model import DischargeSummary
 from epicrisis.summary.render_fhir import render_fhir
@@ -197,9 +200,13 @@ class JobRunner:
         self, store: RedisJobStore, job_id: str, retries: int, max_retries: int
     ) -> str:
         self._running += 1
+        metrics.JOBS_RUNNING.inc()
+        token = JOB_ID.set(job_id)
         try:
             return await self._deliver(store, job_id, retries, max_retries)
         finally:
+            JOB_ID.reset(token)
+            metrics.JOBS_RUNNING.dec()
             self._running -= 1
 
     async def _deliver(
@@ -230,6 +237,7 @@ class JobRunner:
             return await _fail(store, job_id, failure)
         except EpicrisisError as exc:
             if _retry_allowed(exc, retries, max_retries):
+                metrics.JOB_RETRIES.labels(retry_reason(exc)).inc()
                 await store.update(job_id, lambda r: replace(r, stage="waiting to retry"))
                 raise RetryLater(f"retryable {type(exc).__name__}") from None
             return await _fail(store, job_id, job_failure(exc))
@@ -243,8 +251,9 @@ class JobRunner:
     async def _pipeline(self, store: RedisJobStore, job_id: str) -> tuple[DischargeSummary, str]:
         """The stay the server validated, to summary and document (no second parse)."""
         stay, options = await store.take_payload(job_id)
-        summary = await self.summarizer(stay, options)
-        document = await asyncio.to_thread(render_fhir, summary, version=__version__)
+        with job_span(job_id, options.trace_context):
+            summary = await self.summarizer(stay, options)
+            document = await asyncio.to_thread(render_fhir, summary, version=__version__)
         return summary, document
 
     def _loop(self) -> _JobLoop:
@@ -295,6 +304,11 @@ class JobRunner:
 async def _fail(store: RedisJobStore, job_id: str, failure: JobFailure) -> str:
     record = await store.update(job_id, failed(failure))
     return "failed" if record.state is JobState.FAILED else "skipped"
+
+
+def retry_reason(exc: EpicrisisError) -> str:
+    """A metric label for a retried job: the backend failure's kind."""
+    return failure_kind(exc) if isinstance(exc, BackendError) else "other"
 
 
 def _retry_allowed(exc: EpicrisisError, retries: int, max_retries: int) -> bool:
@@ -377,7 +391,12 @@ def submit(app: Any, job_id: str, *, priority: Priority = INTERACTIVE) -> Any:
     so async callers run it in a thread. Returns Celery's ``AsyncResult``."""
     if priority not in QUEUES:
         raise ValueError(f"priority must be one of {QUEUES}")
-    return app.send_task(TASK_NAME, args=(job_id,), queue=priority)
+    return app.send_task(
+        TASK_NAME,
+        args=(job_id,),
+        queue=priority,
+        headers={ENQUEUED_AT_HEADER: time.time()},  # for the queue's oldest age (metrics)
+    )
 
 
 app = create_app(get_settings())  # ``celery -A epicrisis.serving.queue worker`` finds it
@@ -396,11 +415,21 @@ def _prepare_worker(sender: Any = None, **_: Any) -> None:
     if runner is not None:
         try:
             runner.sealer()
+            address = metrics.serve_metrics(runner.settings, default_port=metrics.WORKER_PORT)
         except ConfigurationError as exc:
             raise SystemExit(f"epicrisis worker: {exc}") from None
+        log.info("metrics on %s", address)
+        configure_tracing("worker")
         runner.slots = int(getattr(sender, "concurrency", None) or runner.slots)
+        metrics.JOB_SLOTS.set(runner.slots)
     for chatty in ("httpx", "httpx2"):  # a line per model request and heartbeat probe
         logging.getLogger(chatty).setLevel(logging.WARNING)
+
+
+def _configure_logging(**_: Any) -> None:
+    """Celery leaves logging to us when this signal has a receiver: JSON lines, as the server."""
+    settings = get_settings()
+    configure_logging("worker", log_format=settings.log_format, level=settings.log_level)
 
 
 def _start_loop(sender: Any = None, **_: Any) -> None:
@@ -417,8 +446,10 @@ def _close_loop(sender: Any = None, **_: Any) -> None:
     runner = _runner_of(sender)
     if runner is not None:
         runner.close()
+    shutdown_tracing()
 
 
+setup_logging.connect(_configure_logging, weak=False)
 worker_init.connect(_prepare_worker, weak=False)
 worker_ready.connect(_start_loop, weak=False)
 worker_shutdown.connect(_close_loop, weak=False)

@@ -41,6 +41,7 @@ from epicrisis.serving.jobs import (
     JobOptions,
     JobRecord,
     JobState,
+    observe_transition,
 )
 from epicrisis.serving.workers import STALE_INTERVALS, WorkerStatus
 from epicrisis.stay import Stay
@@ -57,6 +58,7 @@ RESUBSCRIBE_SECONDS = 1.0  # after the subscription's connection drops
 _FORMAT = 1
 _PAYLOAD_FORMAT = 2  # 1 carried the Bundle itself
 _NOT_FOUND = "no such job (it may have expired)"
+ENQUEUED_AT_HEADER = "epicrisis_enqueued_at"  # in each Celery message: when it was sent
 
 # Deletes the idempotency key only while it still names this job (a later job may own it).
 _DROP_IDEMPOTENCY = """
@@ -174,6 +176,7 @@ class RedisJobStore:
                         pipe.delete(self._key("payload", job_id))
                     pipe.publish(self._key("events", job_id), b"1")
                     await pipe.execute()
+                    observe_transition(current, changed)
                     return changed
                 except WatchError:
                     continue  # changed under us: apply the change to the new record
@@ -250,6 +253,19 @@ class RedisJobStore:
     async def queue_depth(self, queue_name: str) -> int:
         """Messages waiting in a Celery queue (the Redis transport keeps each in a list)."""
         return int(await self._redis.llen(queue_name))
+
+    async def queue_oldest_age(self, queue_name: str) -> float:
+        """Seconds the oldest waiting message has waited (0 for an empty queue): the Redis
+        transport pushes on the left and pops on the right, and :func:`queue.submit` stamps
+        each message's headers with the time it was sent."""
+        oldest = await self._redis.lindex(queue_name, -1)
+        if oldest is None:
+            return 0.0
+        try:
+            sent = float(orjson.loads(oldest)["headers"][ENQUEUED_AT_HEADER])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return 0.0  # a message from another sender: its age is unknown
+        return max(time.time() - sent, 0.0)
 
     # -- workers (serving.workers) ---------------------------------------------------------
 

@@ -11,21 +11,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import logging
 import signal
-import sys
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import get_args
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from epicrisis.config import Settings
+from epicrisis.observability import metrics
+from epicrisis.observability.tracing import configure_tracing, shutdown_tracing
 from epicrisis.serving.backends import BackendChooser, JobSummarizer
 from epicrisis.serving.embedded import EmbeddedWorker
+from epicrisis.serving.interceptor import ObservedCalls
 from epicrisis.serving.jobs import MemoryJobStore
 from epicrisis.serving.servicer import SERVICE_NAME, DischargeSummarizer
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)
 MESSAGE_OVERHEAD = 1024 * 1024  # room for the other fields of a request beside the Bundle
 
 
@@ -38,11 +44,12 @@ def create_server(
 ) -> tuple[grpc.aio.Server, int]:
     size = max_bundle_bytes + MESSAGE_OVERHEAD
     server = grpc.aio.server(
+        interceptors=[ObservedCalls()],
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
             ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it
-        ]
+        ],
     )
     pb_grpc.add_DischargeSummarizerServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -94,8 +101,11 @@ async def embedded_service(
     async def llm_answers() -> bool:  # True without an LLM: the extractive backend serves
         return await chooser.llm_health() is not False
 
+    async def sample() -> None:
+        worker.sample_queue()
+
     try:
-        async with _watched(server, health_servicer, [llm_answers], settings):
+        async with _watched(server, health_servicer, [llm_answers], settings, sample):
             yield server, port, health_servicer
     finally:
         await worker.stop()
@@ -108,10 +118,10 @@ async def queued_service(
 ) -> AsyncIterator[tuple[grpc.aio.Server, int, health.aio.HealthServicer]]:
     """A started server that queues to Celery on Redis; refuses to start without its key."""
     from epicrisis.serving.crypto import Sealer
-    from epicrisis.serving.queue import create_app
+    from epicrisis.serving.queue import QUEUES, create_app
     from epicrisis.serving.queued import QueuedWorker
     from epicrisis.serving.redis_store import RedisJobStore
-    from epicrisis.serving.workers import ready
+    from epicrisis.serving.workers import LlmState, ready
 
     sealer = Sealer.from_settings(settings)  # no key outside the embedded mode: an error now
     store = RedisJobStore.from_url(
@@ -137,14 +147,26 @@ async def queued_service(
     async def workers_ready() -> bool:  # alive, and reaching a model (their heartbeats)
         return ready(await store.live_workers())
 
+    async def sample() -> None:
+        """The queues' depth and age, and the workers' states, for the metrics."""
+        for queue in QUEUES:
+            metrics.QUEUE_DEPTH.labels(queue).set(await store.queue_depth(queue))
+            metrics.QUEUE_OLDEST_AGE.labels(queue).set(await store.queue_oldest_age(queue))
+        states = Counter(worker.llm for worker in await store.live_workers())
+        for state in get_args(LlmState):
+            metrics.WORKERS.labels(state).set(states[state])
+
     try:
-        async with _watched(server, health_servicer, [redis_answers, workers_ready], settings):
+        checks: list[Check] = [redis_answers, workers_ready]
+        async with _watched(server, health_servicer, checks, settings, sample):
             yield server, port, health_servicer
     finally:
         await store.aclose()
 
 
 Check = Callable[[], Awaitable[bool]]
+Sampler = Callable[[], Awaitable[None]]
+WATCH_SECONDS = 2.0  # how often health is checked and the queue gauges sampled
 
 
 @contextlib.asynccontextmanager
@@ -153,9 +175,11 @@ async def _watched(
     health_servicer: health.aio.HealthServicer,
     checks: list[Check],
     settings: Settings,
+    sample: Sampler,
 ) -> AsyncIterator[None]:
-    """Health follows ``checks`` while the body runs; then NOT_SERVING and a drained stop."""
-    watchdog = asyncio.create_task(_watch(checks, health_servicer))
+    """Health follows ``checks`` and the gauges ``sample`` while the body runs; then
+    NOT_SERVING and a drained stop."""
+    watchdog = asyncio.create_task(_watch(checks, health_servicer, sample))
     try:
         yield
     finally:
@@ -168,9 +192,12 @@ async def _set_status(health_servicer: health.aio.HealthServicer, status: int) -
     """The same status for the whole server ("") and the summarizer service."""
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)
+    metrics.SERVING.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
 
 
-async def _watch(checks: list[Check], health_servicer: health.aio.HealthServicer) -> None:
+async def _watch(
+    checks: list[Check], health_servicer: health.aio.HealthServicer, sample: Sampler
+) -> None:
     """SERVING while every check passes, else NOT_SERVING; checked every 2 s so load
     balancers and probes see an outage. Queued: Redis answers and some worker reports it
     reaches a model (the server itself never calls the model servers). Embedded: some LLM
@@ -179,7 +206,7 @@ async def _watch(checks: list[Check], health_servicer: health.aio.HealthServicer
         ok = True
         for check in checks:
             try:
-                ok = ok and await asyncio.wait_for(check(), 2.0)
+                ok = ok and await asyncio.wait_for(check(), WATCH_SECONDS)
             except Exception:  # unreachable or broken: not serving, whatever the cause
                 ok = False
         status = (
@@ -188,7 +215,11 @@ async def _watch(checks: list[Check], health_servicer: health.aio.HealthServicer
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
         await _set_status(health_servicer, status)
-        await asyncio.sleep(2.0)
+        try:
+            await asyncio.wait_for(sample(), WATCH_SECONDS)
+        except Exception as exc:  # the gauges keep their last values; health says the rest
+            log.debug("metrics sample failed (%s)", type(exc).__name__)
+        await asyncio.sleep(WATCH_SECONDS)
 
 
 async def run_server(settings: Settings, *, embedded: bool) -> None:
@@ -200,10 +231,21 @@ async def run_server(settings: Settings, *, embedded: bool) -> None:
         loop.add_signal_handler(sig, stop.set)
     service = embedded_service(settings, address) if embedded else queued_service(settings, address)
     mode = "embedded worker" if embedded else f"jobs queued on {_redacted(settings.redis_url)}"
-    async with service as (_, port, _health):
-        sys.stderr.write(f"epicrisis: serving gRPC on {settings.grpc_host}:{port} ({mode})\n")
-        await stop.wait()
-        sys.stderr.write("epicrisis: draining in-flight calls\n")
+    metrics_address = metrics.serve_metrics(settings, default_port=metrics.SERVER_PORT)
+    configure_tracing("server")
+    try:
+        async with service as (_, port, _health):
+            log.info(
+                "serving gRPC on %s:%d (%s); metrics on %s",
+                settings.grpc_host,
+                port,
+                mode,
+                metrics_address,
+            )
+            await stop.wait()
+            log.info("draining in-flight calls")
+    finally:
+        shutdown_tracing()
 
 
 def _redacted(url: str) -> str:

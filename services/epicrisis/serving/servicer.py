@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from epicrisis.observability import metrics
+from epicrisis.observability.logs import JOB_ID
+from epicrisis.observability.tracing import carrier, tracer
 from epicrisis.pipeline import load_stay
 from epicrisis.serving.convert import job_message
 from epicrisis.serving.jobs import Accepted, JobOptions, JobRecord, QueueFull, fingerprint
@@ -141,13 +145,16 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
         options = request.options
         encounter_id = request.encounter_id if request.HasField("encounter_id") else None
         async with self._validating:
-            stay = await asyncio.to_thread(
-                load_stay,
-                request.bundle,
-                encounter_id=encounter_id,
-                strict=options.strict,
-                allow_emergency=options.allow_emergency,
-            )
+            clock = time.perf_counter()
+            with tracer.start_as_current_span("epicrisis.ingest"):
+                stay = await asyncio.to_thread(
+                    load_stay,
+                    request.bundle,
+                    encounter_id=encounter_id,
+                    strict=options.strict,
+                    allow_emergency=options.allow_emergency,
+                )
+            metrics.STAGE_DURATION.labels("ingest").observe(time.perf_counter() - clock)
         digest = fingerprint(
             request.bundle, encounter_id, options.SerializeToString(deterministic=True)
         )
@@ -162,6 +169,7 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
                 max_output_tokens=(
                     options.max_output_tokens if options.HasField("max_output_tokens") else None
                 ),
+                trace_context=carrier(),
             ),
             "batch" if options.priority == pb.PRIORITY_BATCH else "interactive",
         )
@@ -172,6 +180,9 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
             except QueueFull:
                 await self._store.discard(record.id)  # a retry with the same key starts afresh
                 raise
+            metrics.JOBS_SUBMITTED.labels(accepted.priority).inc()
+            metrics.record_warnings(w.code for w in stay.warnings)
+            JOB_ID.set(record.id)  # the rest of this call's log records name the job
         return record
 
     async def _final(self, job_id: str) -> JobRecord:

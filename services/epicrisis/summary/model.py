@@ -80,6 +80,7 @@ class Provenance(_Frozen):
     fallback_reason: str | None = None
     prompt_tokens: int | None = None
     generated_tokens: int | None = None
+    prompt_budget_used: float | None = None  # the last prompt's tokens / its token budget
     omitted: list[Omission] = Field(default_factory=list)
     grounding: float | None = None
     timings_ms: dict[str, float] | None = None

@@ -235,7 +235,7 @@ class Sentence(_message.Message):
     def __init__(self, text: _Optional[str] = ..., sources: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Provenance(_message.Message):
-    __slots__ = ("generator", "backend", "model", "fallback", "fallback_reason", "prompt_tokens", "generated_tokens", "omitted", "grounding", "timings_ms")
+    __slots__ = ("generator", "backend", "model", "fallback", "fallback_reason", "prompt_tokens", "generated_tokens", "omitted", "grounding", "timings_ms", "prompt_budget_used")
     class TimingsMsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -253,6 +253,7 @@ class Provenance(_message.Message):
     OMITTED_FIELD_NUMBER: _ClassVar[int]
     GROUNDING_FIELD_NUMBER: _ClassVar[int]
     TIMINGS_MS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_BUDGET_USED_FIELD_NUMBER: _ClassVar[int]
     generator: str
     backend: str
     model: str
@@ -263,7 +264,8 @@ class Provenance(_message.Message):
     omitted: _containers.RepeatedCompositeFieldContainer[Omission]
     grounding: float
     timings_ms: _containers.ScalarMap[str, float]
-    def __init__(self, generator: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., fallback: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., omitted: _Optional[_Iterable[_Union[Omission, _Mapping]]] = ..., grounding: _Optional[float] = ..., timings_ms: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    prompt_budget_used: float
+    def __init__(self, generator: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., fallback: _Optional[bool] = ..., fallback_reason: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., generated_tokens: _Optional[int] = ..., omitted: _Optional[_Iterable[_Union[Omission, _Mapping]]] = ..., grounding: _Optional[float] = ..., timings_ms: _Optional[_Mapping[str, float]] = ..., prompt_budget_used: _Optional[float] = ...) -> None: ...
 
 class Omission(_message.Message):
     __slots__ = ("section", "count", "tokens")

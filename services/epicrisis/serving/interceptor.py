@@ -1,0 +1,127 @@
+"""Every gRPC call observed in one place: request id, trace span, metrics by method and code.
+
+The request id is the caller's ``x-request-id`` metadata when it is a short token, else a
+new one; it and the call's span follow the call into every log record (observability.logs).
+Status codes come from the outcome: a normal return is OK (unless the handler set a code),
+an abort carries its code, a cancelled call is CANCELLED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any
+
+import grpc
+from opentelemetry import trace
+
+from epicrisis.observability import metrics
+from epicrisis.observability.logs import REQUEST_ID
+from epicrisis.observability.tracing import parent, tracer
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # anything else is replaced, never logged
+
+
+class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        name = details.method
+        method = name.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            unary = handler.unary_unary
+
+            async def observed_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                with _observed(name, method, context):
+                    return await unary(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                observed_unary,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None and inspect.isasyncgenfunction(handler.unary_stream):
+            stream = handler.unary_stream
+
+            async def observed_stream(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                with _observed(name, method, context):
+                    async for item in stream(request, context):
+                        yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                observed_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:  # a coroutine that writes (health's Watch)
+            writer = handler.unary_stream
+
+            async def observed_writer(request: Any, context: grpc.aio.ServicerContext) -> None:
+                with _observed(name, method, context):
+                    await writer(request, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                observed_writer,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler  # streaming requests (reflection): not observed
+
+
+@contextlib.contextmanager
+def _observed(name: str, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    """Time the call, count it by its status code, and run it in its span and request id."""
+    metadata = {
+        key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
+    }
+    given = metadata.get("x-request-id", "")
+    REQUEST_ID.set(given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex)
+    started = time.perf_counter()
+    code = "OK"
+    with tracer.start_as_current_span(
+        name.lstrip("/"),
+        context=parent(metadata),
+        kind=trace.SpanKind.SERVER,
+        attributes={"rpc.system": "grpc", "rpc.method": method},
+    ) as span:
+        try:
+            yield
+            code = _code_name(context.code()) or "OK"
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            code = _code_name(context.code()) or "UNKNOWN"
+            raise
+        except BaseException:
+            code = "UNKNOWN"
+            raise
+        finally:
+            span.set_attribute("rpc.grpc.status_code", code)
+            if code != "OK":
+                span.set_status(trace.Status(trace.StatusCode.ERROR, code))
+            metrics.RPC_REQUESTS.labels(method, code).inc()
+            metrics.RPC_DURATION.labels(method).observe(time.perf_counter() - started)
+
+
+def _code_name(code: object) -> str | None:
+    """A status code's name, from what ``context.code()`` gives (an enum, an int, or None)."""
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if isinstance(code, int):
+        for status in grpc.StatusCode:
+            if status.value[0] == code:
+                return str(status.name)
+    return None
