@@ -91,7 +91,12 @@ RPC_DURATION = Histogram(
     ["method"],
     buckets=RPC_BUCKETS,
 )
-SERVING = Gauge("epicrisis_serving", "1 while the gRPC health status is SERVING, else 0.")
+SERVING = Gauge(
+    "epicrisis_serving",
+    "1 while the server's gRPC health status is SERVING, else 0 (mode: queued or embedded; "
+    "only servers export it).",
+    ["mode"],
+)
 
 # -- jobs ----------------------------------------------------------------------------------
 JOBS_SUBMITTED = Counter(

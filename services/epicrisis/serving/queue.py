@@ -176,6 +176,7 @@ class JobRunner:
         self._job_loop: _JobLoop | None = None
         self._lock = threading.RLock()
         self._running = 0  # jobs on the loop now (touched only from the loop)
+        self.metrics_address: str | None = None  # where the worker serves /metrics
 
     def sealer(self) -> Sealer:
         """The keys, read once; a missing or malformed key stops the worker at start."""
@@ -203,7 +204,9 @@ class JobRunner:
         metrics.JOBS_RUNNING.inc()
         token = JOB_ID.set(job_id)
         try:
-            return await self._deliver(store, job_id, retries, max_retries)
+            outcome = await self._deliver(store, job_id, retries, max_retries)
+            log.info("job %s", outcome)  # one line per delivery; the record names the job
+            return outcome
         finally:
             JOB_ID.reset(token)
             metrics.JOBS_RUNNING.dec()
@@ -415,10 +418,11 @@ def _prepare_worker(sender: Any = None, **_: Any) -> None:
     if runner is not None:
         try:
             runner.sealer()
-            address = metrics.serve_metrics(runner.settings, default_port=metrics.WORKER_PORT)
+            runner.metrics_address = metrics.serve_metrics(
+                runner.settings, default_port=metrics.WORKER_PORT
+            )
         except ConfigurationError as exc:
             raise SystemExit(f"epicrisis worker: {exc}") from None
-        log.info("metrics on %s", address)
         configure_tracing("worker")
         runner.slots = int(getattr(sender, "concurrency", None) or runner.slots)
         metrics.JOB_SLOTS.set(runner.slots)
@@ -439,6 +443,8 @@ def _start_loop(sender: Any = None, **_: Any) -> None:
     pool = type(getattr(sender, "pool", None)).__module__
     if runner is not None and not pool.endswith(".prefork"):
         runner.start()
+    if runner is not None and runner.metrics_address:  # logging is set up by now
+        log.info("metrics on %s", runner.metrics_address)
 
 
 def _close_loop(sender: Any = None, **_: Any) -> None:

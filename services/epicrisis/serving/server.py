@@ -96,7 +96,7 @@ async def embedded_service(
     )
     await worker.start()
     await server.start()
-    await _set_status(health_servicer, health_pb2.HealthCheckResponse.SERVING)
+    await _set_status(health_servicer, health_pb2.HealthCheckResponse.SERVING, "embedded")
 
     async def llm_answers() -> bool:  # True without an LLM: the extractive backend serves
         return await chooser.llm_health() is not False
@@ -105,7 +105,7 @@ async def embedded_service(
         worker.sample_queue()
 
     try:
-        async with _watched(server, health_servicer, [llm_answers], settings, sample):
+        async with _watched(server, health_servicer, [llm_answers], settings, sample, "embedded"):
             yield server, port, health_servicer
     finally:
         await worker.stop()
@@ -158,7 +158,7 @@ async def queued_service(
 
     try:
         checks: list[Check] = [redis_answers, workers_ready]
-        async with _watched(server, health_servicer, checks, settings, sample):
+        async with _watched(server, health_servicer, checks, settings, sample, "queued"):
             yield server, port, health_servicer
     finally:
         await store.aclose()
@@ -176,27 +176,29 @@ async def _watched(
     checks: list[Check],
     settings: Settings,
     sample: Sampler,
+    mode: str,
 ) -> AsyncIterator[None]:
     """Health follows ``checks`` and the gauges ``sample`` while the body runs; then
     NOT_SERVING and a drained stop."""
-    watchdog = asyncio.create_task(_watch(checks, health_servicer, sample))
+    watchdog = asyncio.create_task(_watch(checks, health_servicer, sample, mode))
     try:
         yield
     finally:
         watchdog.cancel()
-        await _set_status(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await _set_status(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING, mode)
         await server.stop(settings.shutdown_grace_seconds)
 
 
-async def _set_status(health_servicer: health.aio.HealthServicer, status: int) -> None:
-    """The same status for the whole server ("") and the summarizer service."""
+async def _set_status(health_servicer: health.aio.HealthServicer, status: int, mode: str) -> None:
+    """The same status for the whole server ("") and the summarizer service (and its gauge,
+    labelled with the mode: queued or embedded)."""
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, status)
-    metrics.SERVING.set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
+    metrics.SERVING.labels(mode).set(1 if status == health_pb2.HealthCheckResponse.SERVING else 0)
 
 
 async def _watch(
-    checks: list[Check], health_servicer: health.aio.HealthServicer, sample: Sampler
+    checks: list[Check], health_servicer: health.aio.HealthServicer, sample: Sampler, mode: str
 ) -> None:
     """SERVING while every check passes, else NOT_SERVING; checked every 2 s so load
     balancers and probes see an outage. Queued: Redis answers and some worker reports it
@@ -214,11 +216,11 @@ async def _watch(
             if ok
             else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        await _set_status(health_servicer, status)
+        await _set_status(health_servicer, status, mode)
         try:
             await asyncio.wait_for(sample(), WATCH_SECONDS)
         except Exception as exc:  # the gauges keep their last values; health says the rest
-            log.debug("metrics sample failed (%s)", type(exc).__name__)
+            log.warning("metrics sample failed (%s)", type(exc).__name__)
         await asyncio.sleep(WATCH_SECONDS)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -25,6 +26,7 @@ from epicrisis.serving.status import status_for
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 
+log = logging.getLogger(__name__)  # ids and outcomes only, never request content
 BACKENDS = {pb.BACKEND_EXTRACTIVE: "extractive", pb.BACKEND_LLM: "llm"}
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DischargeSummarizer"].full_name
 # Bundles validated at once: it is CPU work under the GIL, so more threads only take time
@@ -183,6 +185,7 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
             metrics.JOBS_SUBMITTED.labels(accepted.priority).inc()
             metrics.record_warnings(w.code for w in stay.warnings)
             JOB_ID.set(record.id)  # the rest of this call's log records name the job
+            log.info("job accepted (%s)", accepted.priority)
         return record
 
     async def _final(self, job_id: str) -> JobRecord:
