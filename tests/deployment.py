@@ -70,7 +70,7 @@ class Deployment:
         return self.worker_log.read_text(errors="replace")[-4000:]
 
 
-def _launch(
+def launch(
     argv: Sequence[str], env: dict[str, str] | None, log: Path, banner: str
 ) -> tuple[subprocess.Popen[str], str]:
     """Start a process logging to ``log``; wait for the ``banner`` regex, return its group."""
@@ -102,7 +102,7 @@ def stop(process: subprocess.Popen[str]) -> int:
 def _start_sim(stack: contextlib.ExitStack, logs: Path, *args: str) -> str:
     log = logs / f"sim-{len(list(logs.glob('sim-*')))}.log"
     argv = [str(EPICRISIS), "tgi-sim", "--port", "0", *args]
-    sim, port = _launch(argv, None, log, r"http://127\.0\.0\.1:(\d+)")
+    sim, port = launch(argv, None, log, r"http://127\.0\.0\.1:(\d+)")
     stack.callback(stop, sim)
     return f"http://127.0.0.1:{port}"
 
@@ -111,7 +111,7 @@ def _start_server(stack: contextlib.ExitStack, logs: Path, env: dict[str, str], 
     """``epicrisis serve`` with ``args``; its address. Stopped by ``stack``, exiting 0."""
     log = logs / "server.log"
     argv = [str(EPICRISIS), "serve", *args]
-    server, port = _launch(argv, env, log, r"serving gRPC on 127\.0\.0\.1:(\d+)")
+    server, port = launch(argv, env, log, r"serving gRPC on 127\.0\.0\.1:(\d+)")
 
     def stop_cleanly() -> None:
         assert stop(server) == 0, f"the server did not exit 0:\n{log.read_text()[-3000:]}"

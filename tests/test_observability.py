@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import http.server
 import json
+import logging
+import os
 import re
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.parse
@@ -28,8 +31,10 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from deployment import EPICRISIS, SAMPLE, WAIT_SECONDS, Deployment, deployed
+from deployment import EPICRISIS, SAMPLE, WAIT_SECONDS, Deployment, deployed, launch, stop
+from epicrisis.observability.logs import JOB_ID, JsonFormatter
 from epicrisis.v1 import summarizer_pb2 as pb
+from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 from tools import tool
 
 SUMMARIES = 3
@@ -328,3 +333,44 @@ def test_a_taken_metrics_port_stops_the_server_with_one_line(observed: Observed)
     )
     assert taken.returncode == 3
     assert taken.stderr.count("\n") == 1 and "EPICRISIS_METRICS_PORT" in taken.stderr
+
+
+def test_a_logged_exception_shows_its_type_and_frames_never_its_text() -> None:
+    """Library exceptions can quote their input (a validation error, say): never logged."""
+    formatter = JsonFormatter("server")
+    try:
+        raise ValueError(f"bad value {PATIENT[0]}")
+    except ValueError:
+        record = logging.getLogger("test").makeRecord(
+            "test", logging.ERROR, __file__, 1, "job failed", (), sys.exc_info()
+        )
+    token = JOB_ID.set("0" * 32)
+    try:
+        line = json.loads(formatter.format(record))
+    finally:
+        JOB_ID.reset(token)
+    assert line["exception"] == "ValueError" and line["job_id"] == "0" * 32
+    assert line["stack"] and PATIENT[0] not in json.dumps(line)
+
+
+def test_the_embedded_server_exports_its_own_queue_and_jobs(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICRISIS_")}
+    env |= {"EPICRISIS_GRPC_PORT": "0", "EPICRISIS_METRICS_PORT": "0"}
+    log = tmp_path / "server.log"
+    server, port = launch(
+        [str(EPICRISIS), "serve", "--embedded"], env, log, r"serving gRPC on 127\.0\.0\.1:(\d+)"
+    )
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            job = pb_grpc.DischargeSummarizerStub(channel).Summarize(
+                pb.SubmitRequest(bundle=SAMPLE), timeout=WAIT_SECONDS
+            )
+        assert job.state == pb.JOB_STATE_SUCCEEDED
+        text = scrape(_metrics_address(log))
+    finally:
+        assert stop(server) == 0, log.read_text()[-3000:]
+    assert 'epicrisis_jobs_finished_total{state="succeeded"} 1.0' in text
+    assert 'epicrisis_queue_depth{queue="embedded"} 0.0' in text
+    assert 'epicrisis_serving{mode="embedded"} 1.0' in text
+    assert 'epicrisis_rpc_requests_total{code="OK",method="Summarize"} 1.0' in text
+    assert "epicrisis_job_slots 2.0" in text  # EPICRISIS_EMBEDDED_CONCURRENCY's default
