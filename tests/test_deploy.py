@@ -4,13 +4,14 @@ Kubernetes: every overlay of ``deploy/k8s/overlays`` is rendered with the real `
 kustomize``; every built-in object validates against the Kubernetes schemas that
 ``kubernetes-validate`` ships, in strict mode (unknown fields fail) for Kubernetes
 :data:`K8S_VERSION`; the custom resources that it cannot know (KEDA ScaledObject and
-TriggerAuthentication, prometheus-operator ServiceMonitor and PodMonitor) validate against
-the JSON schemas in ``deploy/schemas/crds`` (written for this project: see its README), and
-any other kind fails the test instead of being skipped. Then structural checks that catch
-regressions: the security context and resources of every container, probes, GPUs and
-model arguments, where the workers' model URLs lead, NetworkPolicy peers, disruption
-budgets, monitors, the autoscalers, every environment variable against
-``epicrisis.config.Settings``, every Secret reference against ``deploy/k8s/secrets``.
+TriggerAuthentication, prometheus-operator ServiceMonitor, PodMonitor and PrometheusRule)
+validate against the JSON schemas in ``deploy/schemas/crds`` (written for this project: see
+its README), and any other kind fails the test instead of being skipped. Then structural
+checks that catch regressions: the security context and resources of every container,
+probes, GPUs and model arguments, where the workers' model URLs lead, NetworkPolicy peers,
+disruption budgets, monitors, the alert rules and the dashboard, the autoscalers, every
+environment variable against ``epicrisis.config.Settings``, every Secret reference against
+``deploy/k8s/secrets``.
 
 Compose: ``docker-compose.yml`` alone and merged with ``docker-compose.sim.yml`` validate
 against the Compose Specification's JSON schema (``deploy/schemas/compose-spec.json``).
@@ -61,6 +62,7 @@ CRD_SCHEMAS = {
     ("keda.sh/v1alpha1", "TriggerAuthentication"): "triggerauthentication-keda-v1alpha1.json",
     ("monitoring.coreos.com/v1", "ServiceMonitor"): "servicemonitor-monitoring-v1.json",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitor-monitoring-v1.json",
+    ("monitoring.coreos.com/v1", "PrometheusRule"): "prometheusrule-monitoring-v1.json",
 }
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 
@@ -297,6 +299,7 @@ def test_custom_resources_validate(overlay: str) -> None:
         except kubernetes_validate.SchemaNotFoundError:
             pytest.fail(f"{key}: neither a Kubernetes kind nor one in CRD_SCHEMAS")
     assert find(custom, "PodMonitor") and find(custom, "ServiceMonitor")
+    assert find(custom, "PrometheusRule")
 
 
 def test_the_validators_reject_mistakes() -> None:
@@ -319,6 +322,14 @@ def test_the_validators_reject_mistakes() -> None:
     monitor = copy.deepcopy(one(objects, "ServiceMonitor", "model-server"))
     del monitor["spec"]["selector"]
     assert crd_errors(monitor)
+    rule = copy.deepcopy(one(objects, "PrometheusRule", "epicrisis"))
+    alert = next(r for r in rule["spec"]["groups"][0]["rules"] if "alert" in r)
+    alert["fro"] = alert.pop("for")  # misspelt field
+    assert crd_errors(rule)
+    rule = copy.deepcopy(one(objects, "PrometheusRule", "epicrisis"))
+    recording = next(r for r in rule["spec"]["groups"][0]["rules"] if "record" in r)
+    recording["alert"] = "Both"  # a rule is a recording rule or an alert, not both
+    assert crd_errors(rule)
 
 
 # ---------------------------------------------------------------------------------------
@@ -920,6 +931,20 @@ def test_monitors_scrape_server_workers_and_model_servers(overlay: str) -> None:
         assert server["metadata"]["name"] in jobs
     if overlay != "vllm":  # the alert rules name TGI's job "tgi", as compose does
         assert jobs["tgi"] == "tgi"
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_overlays_load_the_alert_rules_and_the_dashboard(overlay: str) -> None:
+    """The monitoring component ships deploy/monitoring's rules and dashboard unchanged."""
+    objects = render(overlay)
+    monitoring = ROOT / "deploy" / "monitoring"
+    rule = one(objects, "PrometheusRule", "epicrisis")
+    groups = yaml.safe_load((monitoring / "alerts.yml").read_text())["groups"]
+    assert rule["spec"]["groups"] == groups
+    dashboard = one(objects, "ConfigMap", "epicrisis-dashboard")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"  # Grafana's sidecar
+    text = (monitoring / "dashboards" / "epicrisis.json").read_text()
+    assert dashboard["data"] == {"epicrisis.json": text}
 
 
 # ---------------------------------------------------------------------------------------

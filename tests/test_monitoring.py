@@ -4,16 +4,20 @@ promtool (from ``.ci/fetch-prometheus``) checks and unit-tests the rules and par
 dashboard query. Every ``epicrisis_*`` series that the rules and the dashboard name must be
 in the metric catalogue (``epicrisis.observability.metrics``), with the labels they use, so a
 renamed metric or label fails here; every ``tgi_*`` series must be one TGI documents; every
-alert's runbook must be a heading of deploy/README.md.
+alert's runbook must be a heading of deploy/README.md. The Kubernetes copies of the rules and
+the dashboard (``deploy/monitoring/render_k8s.py`` writes them into the monitoring component)
+must be what a fresh render gives, and promtool must accept the rules as rendered.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -30,6 +34,7 @@ ALERTS = MONITORING / "alerts.yml"
 ALERT_TESTS = MONITORING / "alerts.test.yml"
 DASHBOARD = MONITORING / "dashboards" / "epicrisis.json"
 RUNBOOK = ROOT / "deploy" / "README.md"
+RENDER_K8S = MONITORING / "render_k8s.py"
 
 SCRAPE_JOBS = {"epicrisis-server", "epicrisis-worker", "tgi"}
 MODEL_JOBS = {"tgi", "vllm"}  # the model server's job: TGI, or vLLM in its overlay
@@ -308,3 +313,55 @@ def test_every_tgi_series_is_one_tgi_exports() -> None:
     for name in used:
         base = re.sub(r"_(bucket|sum|count)$", "", name)
         assert base in TGI_METRICS, f"{name} is not a TGI metric"
+
+
+# -- the Kubernetes copies (deploy/k8s/components/monitoring) ---------------------------------
+
+
+def _render_k8s() -> ModuleType:
+    """deploy/monitoring/render_k8s.py, imported from its path (deploy/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("render_k8s", RENDER_K8S)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kubernetes_copies_are_fresh() -> None:
+    render_k8s = _render_k8s()
+    rendered: dict[Path, str] = render_k8s.render()
+    assert set(rendered) == {render_k8s.PROMETHEUS_RULE, render_k8s.DASHBOARD_CONFIGMAP}
+    for path, text in rendered.items():
+        where = path.relative_to(ROOT)
+        assert path.is_file(), f"{where} missing: run python deploy/monitoring/render_k8s.py"
+        assert path.read_text() == text, (
+            f"{where} is stale: run python deploy/monitoring/render_k8s.py"
+        )
+        assert text.startswith("# generated from deploy/monitoring/"), where
+    assert render_k8s.main(["--check"]) == 0
+    rule = yaml.safe_load(rendered[render_k8s.PROMETHEUS_RULE])
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+    configmap = yaml.safe_load(rendered[render_k8s.DASHBOARD_CONFIGMAP])
+    assert configmap["data"] == {"epicrisis.json": DASHBOARD.read_text()}
+
+
+def test_render_k8s_check_names_a_stale_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    render_k8s = _render_k8s()
+    stale = tmp_path / "prometheusrule.yaml"
+    stale.write_text(render_k8s.PROMETHEUS_RULE.read_text() + "# edited by hand\n")
+    monkeypatch.setattr(render_k8s, "PROMETHEUS_RULE", stale)
+    assert render_k8s.main(["--check"]) == 1
+    assert "prometheusrule.yaml is stale" in capsys.readouterr().err
+    assert stale.read_text().endswith("# edited by hand\n")  # --check writes nothing
+
+
+def test_promtool_accepts_the_rendered_prometheus_rule(tmp_path: Path) -> None:
+    render_k8s = _render_k8s()
+    rule = yaml.safe_load(render_k8s.render()[render_k8s.PROMETHEUS_RULE])
+    path = tmp_path / "prometheusrule_groups.yml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}, sort_keys=False))
+    result = _run(tool("promtool"), "check", "rules", str(path))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert f"SUCCESS: {len(_rules())} rules found" in result.stdout, result.stdout
