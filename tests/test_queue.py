@@ -366,3 +366,29 @@ def test_worker_concurrency_follows_the_endpoints_and_assumes_tgi_defaults_while
     assert sized == (40 + 128) + (40 + 128) // 8
     assert capped == 10 + 2
     assert worker_concurrency(Settings(llm_urls=[])) == (os.cpu_count() or 2)
+
+
+@pytest.mark.parametrize(
+    ("args", "key", "named"),
+    [
+        (["--pool", "prefork"], True, "the prefork pool is not supported"),
+        (["--pool", "threads"], False, "EPICRISIS_ENCRYPTION_KEY"),
+    ],
+    ids=["prefork-pool", "no-key"],
+)
+def test_a_worker_that_cannot_run_jobs_right_stops_at_once_saying_why(
+    args: list[str], key: bool, named: str
+) -> None:
+    """Jobs share one loop, one endpoint pool and one /metrics per process: a pool of
+    processes would split them unseen; without the key no payload opens."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EPICRISIS_")}
+    env |= {"EPICRISIS_REDIS_URL": "redis://127.0.0.1:1/0", "EPICRISIS_METRICS_PORT": "0"}
+    if key:
+        env["EPICRISIS_ENCRYPTION_KEY"] = new_key_text()
+    result = subprocess.run(
+        [sys.executable, "-m", "celery", "-A", "epicrisis.serving.queue", "worker", *args],
+        env=env, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert named in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr + result.stdout

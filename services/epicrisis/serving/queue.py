@@ -41,7 +41,7 @@ from dataclasses import replace
 from typing import Any, Final, Literal, TypeVar
 
 from celery import Celery
-from celery.exceptions import SoftTimeLimitExceeded
+from celery.concurrency import get_implementation
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutdown
 from kombu.entity import Exchange, Queue
 
@@ -79,21 +79,14 @@ Priority = Literal["interactive", "batch"]
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
 EXTRA_DELIVERIES = 2  # deliveries beyond the retries: worker losses a job may survive
 CAPACITY_WAIT_SECONDS = 15.0  # reading /info at worker start, before assuming defaults
+ONE_PROCESS_POOLS = ("thread", "solo")  # Celery pools whose jobs share this process's loop
 T = TypeVar("T")
 
 
-def soft_time_limit(settings: Settings) -> float:
-    """Celery's soft limit, behind the pipeline's own timeout (which records FAILED)."""
-    return settings.job_timeout_seconds + 30
-
-
-def time_limit(settings: Settings) -> float:
-    return settings.job_timeout_seconds + 60
-
-
 def visibility_timeout(settings: Settings) -> int:
-    """Longer than a message may stay unacknowledged: a run, or a retry's countdown."""
-    return int(time_limit(settings) + settings.job_retry_backoff_max_seconds + 60)
+    """Longer than a message may stay unacknowledged: a run (bounded by the pipeline's own
+    timeout, which records FAILED), or a retry's countdown, with a margin."""
+    return int(settings.job_timeout_seconds + settings.job_retry_backoff_max_seconds + 120)
 
 
 class RetryLater(Exception):
@@ -111,7 +104,6 @@ class _JobLoop:
 
     def __init__(self, store: RedisJobStore) -> None:
         self.store = store
-        self.pid = os.getpid()
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self.loop.run_forever, name="epicrisis-jobs", daemon=True
@@ -191,11 +183,7 @@ class JobRunner:
             log.error("run_job refused a malformed job id")
             return "refused"
         jobs = self._loop()
-        try:
-            return jobs.run(self._execute(jobs.store, job_id, retries, max_retries))
-        except SoftTimeLimitExceeded:  # Celery's backstop (prefork) fired while we waited
-            failure = JobFailure("deadline-exceeded", "the job ran past its time limit", True)
-            return jobs.run(_fail(jobs.store, job_id, failure))
+        return jobs.run(self._execute(jobs.store, job_id, retries, max_retries))
 
     async def _execute(
         self, store: RedisJobStore, job_id: str, retries: int, max_retries: int
@@ -260,9 +248,9 @@ class JobRunner:
         return summary, document
 
     def _loop(self) -> _JobLoop:
-        """This process's loop, started on first use (after a prefork child is forked)."""
+        """This process's loop, started at worker start (or on first use)."""
         with self._lock:
-            if self._job_loop is None or self._job_loop.pid != os.getpid():
+            if self._job_loop is None:
                 store = RedisJobStore.from_url(
                     self.settings.redis_url,
                     self.sealer(),
@@ -296,7 +284,7 @@ class JobRunner:
         """Withdraw the heartbeat, close the pools and stop the loop (worker shutdown)."""
         with self._lock:
             jobs, self._job_loop = self._job_loop, None
-        if jobs is None or jobs.pid != os.getpid():
+        if jobs is None:
             return
         closers: list[Callable[[], Awaitable[None]]] = [jobs.store.aclose]
         if self._chooser is not None:
@@ -362,8 +350,6 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> Any:
         retry_backoff=2,  # 2, 4, 8 ... seconds, capped, each drawn at random below its cap
         retry_backoff_max=settings.job_retry_backoff_max_seconds,
         retry_jitter=True,
-        soft_time_limit=soft_time_limit(settings),
-        time_limit=time_limit(settings),
     )(run_job)
     return app
 
@@ -410,12 +396,31 @@ def _runner_of(sender: Any) -> JobRunner | None:
     return runner if isinstance(runner, JobRunner) else None
 
 
+def _pool_kind(sender: Any) -> str:
+    """The worker's pool implementation, by its module's name: thread, solo, prefork ..."""
+    pool = getattr(sender, "pool_cls", None) or "prefork"
+    implementation = get_implementation(pool) if isinstance(pool, str) else pool
+    return str(getattr(implementation, "__module__", "")).rsplit(".", 1)[-1]
+
+
 def _prepare_worker(sender: Any = None, **_: Any) -> None:
-    """Before the worker starts: refuse to run without the keys that open payloads (Celery
-    logs and ignores exceptions from signal handlers; SystemExit gets through and prints
-    one line), note the concurrency for the heartbeat, quiet per-request HTTP logging."""
+    """Before the worker starts: refuse to run without the keys that open payloads or in a
+    pool of several processes (Celery logs and ignores exceptions from signal handlers;
+    SystemExit gets through and prints one line), serve /metrics, note the concurrency for
+    the heartbeat, quiet per-request HTTP logging.
+
+    Jobs run on one event loop per process, with one endpoint pool and one ``/metrics``:
+    a prefork (or eventlet, gevent) pool would split them across processes that no one
+    scrapes, so scale with more worker processes (pods) instead.
+    """
     runner = _runner_of(sender)
     if runner is not None:
+        kind = _pool_kind(sender)
+        if kind not in ONE_PROCESS_POOLS:
+            raise SystemExit(
+                f"epicrisis worker: the {kind} pool is not supported; use --pool threads "
+                "(as `epicrisis worker` does) and run more worker processes to scale"
+            )
         try:
             runner.sealer()
             runner.metrics_address = metrics.serve_metrics(
@@ -437,13 +442,10 @@ def _configure_logging(**_: Any) -> None:
 
 
 def _start_loop(sender: Any = None, **_: Any) -> None:
-    """Heartbeat from the start, where jobs run in this process (threads or solo pool); a
-    prefork child starts its own loop with its first job."""
+    """Heartbeat from the start; then say where the metrics are (logging is set up now)."""
     runner = _runner_of(sender)
-    pool = type(getattr(sender, "pool", None)).__module__
-    if runner is not None and not pool.endswith(".prefork"):
+    if runner is not None:
         runner.start()
-    if runner is not None and runner.metrics_address:  # logging is set up by now
         log.info("metrics on %s", runner.metrics_address)
 
 
