@@ -115,6 +115,8 @@ def _start_server(stack: contextlib.ExitStack, logs: Path, env: dict[str, str], 
 
     def stop_cleanly() -> None:
         assert stop(server) == 0, f"the server did not exit 0:\n{log.read_text()[-3000:]}"
+        errors = [line for line in log.read_text().splitlines() if '"level":"ERROR"' in line]
+        assert errors == [], "the server logged errors:\n" + "\n".join(errors)[-3000:]
 
     stack.callback(stop_cleanly)
     return f"127.0.0.1:{port}"

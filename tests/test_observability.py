@@ -35,9 +35,11 @@ from deployment import EPICRISIS, SAMPLE, WAIT_SECONDS, Deployment, deployed, la
 from epicrisis.observability.logs import JOB_ID, JsonFormatter
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
+from sim_control import set_faults
 from tools import tool
 
 SUMMARIES = 3
+JOBS = SUMMARIES + 2  # and two Submits, watched
 PATIENT = ("Patient1", "FORCED-0001")  # the sample's patient name and MRN: never in telemetry
 
 
@@ -127,6 +129,18 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
                         timeout=WAIT_SECONDS,
                     )
                     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+                submitted = stub.Submit(pb.SubmitRequest(bundle=SAMPLE), timeout=WAIT_SECONDS)
+                watch = pb.WatchJobRequest(id=submitted.id)
+                watched = list(stub.WatchJob(watch, timeout=WAIT_SECONDS))  # until it ends
+                assert watched[-1].state == pb.JOB_STATE_SUCCEEDED
+                set_faults(deployment.sims[0], {"first_token_seconds": 1.0})
+                slow = stub.Submit(pb.SubmitRequest(bundle=SAMPLE), timeout=WAIT_SECONDS)
+                stream = stub.WatchJob(pb.WatchJobRequest(id=slow.id), timeout=WAIT_SECONDS)
+                next(stream)
+                stream.cancel()  # a caller that stops listening while the job runs
+                set_faults(deployment.sims[0], {"first_token_seconds": 0.0})
+                rest = list(stub.WatchJob(pb.WatchJobRequest(id=slow.id), timeout=WAIT_SECONDS))
+                assert rest[-1].state == pb.JOB_STATE_SUCCEEDED
                 with pytest.raises(grpc.RpcError) as refused:
                     stub.Submit(
                         pb.SubmitRequest(bundle=b'{"resourceType": "Bundle"'), timeout=WAIT_SECONDS
@@ -220,14 +234,16 @@ def test_a_real_prometheus_scrapes_the_server_and_the_worker(
         assert eventually(base, summarized, SUMMARIES) == SUMMARIES
         refused = 'sum(epicrisis_rpc_requests_total{method="Submit",code="INVALID_ARGUMENT"})'
         assert eventually(base, refused, 1) == 1
+        watched = 'sum(epicrisis_rpc_requests_total{method="WatchJob",code="OK"})'
+        assert eventually(base, watched, 2) == 2
+        dropped = 'sum(epicrisis_rpc_requests_total{method="WatchJob",code="CANCELLED"})'
+        assert eventually(base, dropped, 1) == 1
         finished = 'sum by (job) (epicrisis_jobs_finished_total{state="succeeded"})'
-        assert eventually(base, finished, SUMMARIES) == SUMMARIES
+        assert eventually(base, finished, JOBS) == JOBS
         assert query(base, finished)[0]["metric"]["job"] == "epicrisis-worker"
         assert (
-            eventually(
-                base, 'sum(epicrisis_jobs_submitted_total{priority="interactive"})', SUMMARIES
-            )
-            == SUMMARIES
+            eventually(base, 'sum(epicrisis_jobs_submitted_total{priority="interactive"})', JOBS)
+            == JOBS
         )
         for stage, job in [
             ("ingest", "epicrisis-server"), ("queue_wait", "epicrisis-worker"),
@@ -247,13 +263,10 @@ def test_a_real_prometheus_scrapes_the_server_and_the_worker(
             )
             >= SUMMARIES
         )
-        assert eventually(base, "sum(epicrisis_prompt_tokens_count)", SUMMARIES) == SUMMARIES
-        assert eventually(base, "sum(epicrisis_generated_tokens_count)", SUMMARIES) == SUMMARIES
-        assert (
-            eventually(base, "sum(epicrisis_prompt_budget_used_ratio_count)", SUMMARIES)
-            == SUMMARIES
-        )
-        assert eventually(base, "sum(epicrisis_grounding_ratio_count)", SUMMARIES) == SUMMARIES
+        assert eventually(base, "sum(epicrisis_prompt_tokens_count)", JOBS) == JOBS
+        assert eventually(base, "sum(epicrisis_generated_tokens_count)", JOBS) == JOBS
+        assert eventually(base, "sum(epicrisis_prompt_budget_used_ratio_count)", JOBS) == JOBS
+        assert eventually(base, "sum(epicrisis_grounding_ratio_count)", JOBS) == JOBS
         assert eventually(base, 'epicrisis_queue_depth{queue="interactive"}', 0) == 0
         assert eventually(base, 'epicrisis_workers{llm="ready"}', 1) == 1
         assert eventually(base, 'epicrisis_serving{mode="queued"}', 1) == 1
@@ -282,10 +295,11 @@ def test_one_trace_runs_from_the_grpc_call_through_the_queue_to_the_model(
     observed: Observed,
 ) -> None:
     deadline = time.monotonic() + WAIT_SECONDS
-    while len(observed.spans.named("llm.generate")) < SUMMARIES:
+    while len(observed.spans.named("llm.generate")) < JOBS:
         assert time.monotonic() < deadline, "the worker's spans never arrived"
         time.sleep(0.1)
     calls = observed.spans.named("epicrisis.v1.DischargeSummarizer/Summarize")
+    calls += observed.spans.named("epicrisis.v1.DischargeSummarizer/Submit")
     jobs = observed.spans.named("epicrisis.job")
     generations = observed.spans.named("llm.generate")
     assert {service for service, _ in calls} == {"epicrisis-server"}
@@ -295,7 +309,7 @@ def test_one_trace_runs_from_the_grpc_call_through_the_queue_to_the_model(
         job = by_id[generation.parent_span_id]  # the model request is a step of the job ...
         call = by_id[job.parent_span_id]  # ... which the gRPC call submitted, across the queue
         assert generation.trace_id == job.trace_id == call.trace_id
-        assert call.name.endswith("/Summarize")
+        assert call.name.endswith(("/Summarize", "/Submit"))
     for _, span in observed.spans.received:
         text = span.SerializeToString()
         assert all(value.encode() not in text for value in PATIENT)
@@ -308,6 +322,7 @@ def test_logs_are_json_lines_that_name_jobs_and_never_the_patient(observed: Obse
         records = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
         assert records, text[-2000:]
         assert all({"time", "level", "logger", "message"} <= record.keys() for record in records)
+        assert [r for r in records if r["level"] == "ERROR"] == []  # e.g. a span's context
     server = [
         json.loads(line)
         for line in (observed.logs / "server.log").read_text().splitlines()
@@ -315,7 +330,7 @@ def test_logs_are_json_lines_that_name_jobs_and_never_the_patient(observed: Obse
     ]
     assert any("serving gRPC" in record["message"] for record in server)
     accepted = [record for record in server if record["message"].startswith("job accepted")]
-    assert len(accepted) == SUMMARIES
+    assert len(accepted) == JOBS
     assert all({"job_id", "request_id", "trace_id"} <= record.keys() for record in accepted)
     worker = [
         json.loads(line)

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import grpc
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from epicrisis.observability import metrics
@@ -56,7 +57,7 @@ class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             async def observed_stream(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
-                with _observed(name, method, context):
+                with _observed(name, method, context, current=False):
                     async for item in stream(request, context):
                         yield item
 
@@ -81,7 +82,9 @@ class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
 
 @contextlib.contextmanager
-def _observed(name: str, method: str, context: grpc.aio.ServicerContext) -> Iterator[None]:
+def _observed(
+    name: str, method: str, context: grpc.aio.ServicerContext, *, current: bool = True
+) -> Iterator[None]:
     """Time the call, count it by its status code, and run it in its span and request id."""
     metadata = {
         key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
@@ -90,30 +93,36 @@ def _observed(name: str, method: str, context: grpc.aio.ServicerContext) -> Iter
     REQUEST_ID.set(given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex)
     started = time.perf_counter()
     code = "OK"
-    with tracer.start_as_current_span(
+    span = tracer.start_span(
         name.lstrip("/"),
         context=parent(metadata),
         kind=trace.SpanKind.SERVER,
         attributes={"rpc.system": "grpc", "rpc.method": method},
-    ) as span:
-        try:
-            yield
-            code = _code_name(context.code()) or "OK"
-        except asyncio.CancelledError:
-            code = "CANCELLED"
-            raise
-        except grpc.aio.AbortError:
-            code = _code_name(context.code()) or "UNKNOWN"
-            raise
-        except BaseException:
-            code = "UNKNOWN"
-            raise
-        finally:
-            span.set_attribute("rpc.grpc.status_code", code)
-            if code != "OK":
-                span.set_status(trace.Status(trace.StatusCode.ERROR, code))
-            metrics.RPC_REQUESTS.labels(method, code).inc()
-            metrics.RPC_DURATION.labels(method).observe(time.perf_counter() - started)
+    )
+    # A stream's generator may be resumed or closed from another context than the one it
+    # started in, where a context token cannot be detached: its span is not made current.
+    token = otel_context.attach(trace.set_span_in_context(span)) if current else None
+    try:
+        yield
+        code = _code_name(context.code()) or "OK"
+    except (asyncio.CancelledError, GeneratorExit):  # the caller went away
+        code = "CANCELLED"
+        raise
+    except grpc.aio.AbortError:
+        code = _code_name(context.code()) or "UNKNOWN"
+        raise
+    except BaseException:
+        code = "UNKNOWN"
+        raise
+    finally:
+        if token is not None:
+            otel_context.detach(token)
+        span.set_attribute("rpc.grpc.status_code", code)
+        if code != "OK":
+            span.set_status(trace.Status(trace.StatusCode.ERROR, code))
+        span.end()
+        metrics.RPC_REQUESTS.labels(method, code).inc()
+        metrics.RPC_DURATION.labels(method).observe(time.perf_counter() - started)
 
 
 def _code_name(code: object) -> str | None:
