@@ -94,8 +94,6 @@ async def embedded_service(
         health_servicer,
         max_bundle_bytes=settings.limits.max_bundle_bytes,
     )
-    await worker.start()
-    await server.start()
     await _set_status(health_servicer, health_pb2.HealthCheckResponse.SERVING, "embedded")
 
     async def llm_answers() -> bool:  # True without an LLM: the extractive backend serves
@@ -104,6 +102,7 @@ async def embedded_service(
     async def sample() -> None:
         worker.sample_queue()
 
+    await worker.start()
     try:
         async with _watched(server, health_servicer, [llm_answers], settings, sample, "embedded"):
             yield server, port, health_servicer
@@ -138,7 +137,6 @@ async def queued_service(
         health_servicer,
         max_bundle_bytes=settings.limits.max_bundle_bytes,
     )
-    await server.start()
 
     async def redis_answers() -> bool:
         await store.ping()
@@ -178,13 +176,16 @@ async def _watched(
     sample: Sampler,
     mode: str,
 ) -> AsyncIterator[None]:
-    """Health follows ``checks`` and the gauges ``sample`` while the body runs; then
-    NOT_SERVING and a drained stop."""
-    watchdog = asyncio.create_task(_watch(checks, health_servicer, sample, mode))
+    """The server started, health following ``checks`` and the gauges ``sample`` while the
+    body runs; then NOT_SERVING and a drained stop (also when starting failed half way)."""
     try:
-        yield
+        await server.start()
+        watchdog = asyncio.create_task(_watch(checks, health_servicer, sample, mode))
+        try:
+            yield
+        finally:
+            watchdog.cancel()
     finally:
-        watchdog.cancel()
         await _set_status(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING, mode)
         await server.stop(settings.shutdown_grace_seconds)
 
