@@ -27,6 +27,10 @@ from redis_server import redis_server
 EPICRISIS = Path(sys.executable).parent / "epicrisis"
 SAMPLE = resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()
 WAIT_SECONDS = 60  # a bound against hanging, never a timing assertion
+# Plaintext and anonymous callers, which a server allows only when told: the tests of
+# everything but security; tests/test_security.py runs with TLS and API keys.
+LOCAL_ENV = {"EPICRISIS_GRPC_ALLOW_PLAINTEXT": "true", "EPICRISIS_ALLOW_ANONYMOUS": "true"}
+LOCAL_ONLY = {"grpc_allow_plaintext": True, "allow_anonymous": True}  # the same, as Settings
 LLM = pb.SummaryOptions(backend=pb.BACKEND_LLM)
 
 
@@ -155,6 +159,7 @@ def deployed(
                 "EPICRISIS_GRPC_PORT": "0",
                 "EPICRISIS_METRICS_PORT": "0",
                 "EPICRISIS_WORKER_HEARTBEAT_SECONDS": "0.5",
+                **LOCAL_ENV,
                 "EPICRISIS_JOB_RETRY_BACKOFF_MAX_SECONDS": "4",
             }
             | (env or {})
@@ -188,5 +193,6 @@ def embedded(
             "EPICRISIS_LLM_URLS": ",".join(urls),
             "EPICRISIS_GRPC_PORT": "0",
             "EPICRISIS_METRICS_PORT": "0",
+            **LOCAL_ENV,
         }
         yield _start_server(stack, logs, settings | (env or {}), "--embedded"), urls

@@ -19,6 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from deployment import LOCAL_ENV
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 
@@ -191,7 +192,7 @@ def _serve_and_stop(sim: subprocess.Popen[str]) -> None:
 
 
 def test_serve_embedded_answers_over_grpc_and_drains_on_sigterm() -> None:
-    env = {**os.environ, "EPICRISIS_GRPC_PORT": "0"}
+    env = {**os.environ, "EPICRISIS_GRPC_PORT": "0", **LOCAL_ENV}
     with subprocess.Popen(
         [str(EPICRISIS), "serve", "--embedded"], stderr=subprocess.PIPE, text=True, env=env
     ) as server:

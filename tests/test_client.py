@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from deployment import LOCAL_ONLY
 from epicrisis.client import (
     AsyncClient,
     Client,
@@ -82,7 +83,7 @@ async def serving(summarizer: Any = None, **options: Any) -> AsyncIterator[str]:
     """The embedded server in this event loop; yields its ``host:port``."""
     if summarizer is not None:
         options["summarizer"] = summarizer
-    settings = Settings(embedded_concurrency=1, shutdown_grace_seconds=1)
+    settings = Settings(embedded_concurrency=1, shutdown_grace_seconds=1, **LOCAL_ONLY)
     async with embedded_service(settings, "127.0.0.1:0", **options) as (_, port, _health):
         yield f"127.0.0.1:{port}"
 
@@ -101,7 +102,7 @@ class BackgroundServer:
 
     async def _main(self) -> None:
         self._stop = asyncio.Event()
-        settings = Settings(embedded_concurrency=2, shutdown_grace_seconds=1)
+        settings = Settings(embedded_concurrency=2, shutdown_grace_seconds=1, **LOCAL_ONLY)
         async with embedded_service(settings, "127.0.0.1:0", summarizer=self._summarize) as (
             _,
             port,

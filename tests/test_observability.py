@@ -31,7 +31,16 @@ import grpc
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from deployment import EPICRISIS, SAMPLE, WAIT_SECONDS, Deployment, deployed, launch, stop
+from deployment import (
+    EPICRISIS,
+    LOCAL_ENV,
+    SAMPLE,
+    WAIT_SECONDS,
+    Deployment,
+    deployed,
+    launch,
+    stop,
+)
 from epicrisis.observability.logs import JOB_ID, JsonFormatter
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
@@ -370,7 +379,7 @@ def test_a_logged_exception_shows_its_type_and_frames_never_its_text() -> None:
 
 def test_the_embedded_server_exports_its_own_queue_and_jobs(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EPICRISIS_")}
-    env |= {"EPICRISIS_GRPC_PORT": "0", "EPICRISIS_METRICS_PORT": "0"}
+    env |= {"EPICRISIS_GRPC_PORT": "0", "EPICRISIS_METRICS_PORT": "0", **LOCAL_ENV}
     log = tmp_path / "server.log"
     server, port = launch(
         [str(EPICRISIS), "serve", "--embedded"], env, log, r"serving gRPC on 127\.0\.0\.1:(\d+)"

@@ -21,6 +21,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from deployment import LOCAL_ONLY
 from epicrisis.config import Settings
 from epicrisis.serving.jobs import JobOptions
 from epicrisis.serving.server import embedded_service
@@ -46,7 +47,7 @@ async def api(
     options: dict[str, Any] = dict(kwargs)
     if summarizer is not None:
         options["summarizer"] = summarizer
-    settings = Settings(embedded_concurrency=1, shutdown_grace_seconds=1)
+    settings = Settings(embedded_concurrency=1, shutdown_grace_seconds=1, **LOCAL_ONLY)
     async with (
         embedded_service(settings, "127.0.0.1:0", **options) as (_, port, _health),
         grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
@@ -284,7 +285,9 @@ def test_health_and_reflection_are_on() -> None:
 async def api_with_model(
     sim_base_url: str,
 ) -> AsyncIterator[tuple[pb_grpc.DischargeSummarizerStub, grpc.aio.Channel]]:
-    settings = Settings(embedded_concurrency=2, shutdown_grace_seconds=1, llm_urls=[sim_base_url])
+    settings = Settings(
+        embedded_concurrency=2, shutdown_grace_seconds=1, **LOCAL_ONLY, llm_urls=[sim_base_url]
+    )
     async with (
         embedded_service(settings, "127.0.0.1:0") as (_, port, _health),
         grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,

@@ -176,6 +176,18 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _api_key(args: argparse.Namespace) -> int:
+    from epicrisis.serving.auth import new_key
+
+    key, line = new_key(args.caller, args.rights)
+    sys.stdout.write(
+        f"# the key, for the caller only (shown once; keep it as a secret):\n{key}\n"
+        f"# the line for EPICRISIS_API_KEYS_FILE (it holds the key's hash, not the key):\n"
+        f"{line}\n"
+    )
+    return 0
+
+
 def _submit(args: argparse.Namespace) -> int:
     from epicrisis.client.bulk import run_submit
 
@@ -247,6 +259,18 @@ def _parser() -> argparse.ArgumentParser:
         "an eighth more; without an LLM, one per CPU)",
     )
     worker.set_defaults(run=_worker)
+
+    api_key = commands.add_parser(
+        "api-key", help="make an API key for a caller, and its line for the server's keys file"
+    )
+    api_key.add_argument("caller", help="the caller's id, e.g. ehr-north")
+    api_key.add_argument(
+        "--rights",
+        default="",
+        metavar="R,R",
+        help="a subset of submit,read,cancel (default: all)",
+    )
+    api_key.set_defaults(run=_api_key)
 
     submit = commands.add_parser(
         "submit", help="send Bundles to a server with bounded concurrency; one result per Bundle"

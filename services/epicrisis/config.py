@@ -40,6 +40,15 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(1000, gt=0)  # waiting per priority; past it RESOURCE_EXHAUSTED
     max_input_tokens: int = Field(8192 - 1536, gt=256)
 
+    # -- who may call, and over what: TLS (mutual with a client CA), API keys --------------
+    grpc_tls_cert_file: Path | None = None  # PEM certificate chain of the server
+    grpc_tls_key_file: Path | None = None  # its PEM private key
+    grpc_tls_client_ca_file: Path | None = None  # set: clients must present a cert it signed
+    grpc_allow_plaintext: bool = False  # serve without TLS: local use only, never by default
+    api_keys_file: Path | None = None  # "caller sha256:<hex> [scope,...]" per line
+    allow_anonymous: bool = False  # no API keys: every caller is "anonymous" (local use only)
+    audit_key: SecretStr | None = None  # keys the patient hash of audit events (default: derived)
+
     # -- the queued mode: Redis (Celery broker and job store), jobs encrypted at rest -----
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_key_prefix: str = "epicrisis"

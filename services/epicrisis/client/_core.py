@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -106,21 +107,31 @@ class Methods:
     cancel: Any
 
     @classmethod
-    def bind(cls, channel: Any) -> Methods:
+    def bind(cls, channel: Any, *, api_key: str | None = None) -> Methods:
+        """The methods on ``channel``, each call carrying ``api_key`` (as a bearer token)."""
+        metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
+
+        def keyed(method: Any) -> Any:
+            return method if metadata is None else functools.partial(method, metadata=metadata)
+
         def unary(name: str, request: Any) -> Any:
-            return channel.unary_unary(
-                f"/{_SERVICE}/{name}",
-                request_serializer=request.SerializeToString,
-                response_deserializer=pb.Job.FromString,
+            return keyed(
+                channel.unary_unary(
+                    f"/{_SERVICE}/{name}",
+                    request_serializer=request.SerializeToString,
+                    response_deserializer=pb.Job.FromString,
+                )
             )
 
         return cls(
             submit=unary("Submit", pb.SubmitRequest),
             get=unary("GetJob", pb.GetJobRequest),
-            watch=channel.unary_stream(
-                f"/{_SERVICE}/WatchJob",
-                request_serializer=pb.WatchJobRequest.SerializeToString,
-                response_deserializer=pb.Job.FromString,
+            watch=keyed(
+                channel.unary_stream(
+                    f"/{_SERVICE}/WatchJob",
+                    request_serializer=pb.WatchJobRequest.SerializeToString,
+                    response_deserializer=pb.Job.FromString,
+                )
             ),
             summarize=unary("Summarize", pb.SubmitRequest),
             cancel=unary("CancelJob", pb.CancelJobRequest),

@@ -36,6 +36,7 @@ class AsyncClient:
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         on_retry: RetryHook | None = None,
@@ -47,7 +48,7 @@ class AsyncClient:
             if credentials is None
             else grpc.aio.secure_channel(target, credentials, options=opts)
         )
-        self._methods = Methods.bind(self._channel)
+        self._methods = Methods.bind(self._channel, api_key=api_key)
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
         self._on_retry = on_retry

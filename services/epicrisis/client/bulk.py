@@ -94,6 +94,16 @@ def add_submit_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--ca-cert", type=Path, metavar="PEM", help="trust this CA for TLS (implies --tls)"
     )
+    parser.add_argument(
+        "--client-cert", type=Path, metavar="PEM", help="for mutual TLS, with --client-key"
+    )
+    parser.add_argument("--client-key", type=Path, metavar="PEM", help="its private key")
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        metavar="PATH",
+        help="a file holding the API key (default: the EPICRISIS_API_KEY environment variable)",
+    )
 
 
 def positive_int(text: str) -> int:
@@ -147,7 +157,8 @@ def run_submit(args: argparse.Namespace) -> int:
     """``epicrisis submit``: 0 when every Bundle succeeded, 1 when some failed, 2 on bad usage."""
     try:
         work, skipped = _plan(args.paths, args.out, args.format, force=args.force)
-        credentials = _credentials(args.tls, args.ca_cert)
+        credentials = _credentials(args.tls, args.ca_cert, args.client_cert, args.client_key)
+        api_key = _api_key(args.api_key_file)
     except _UsageError as exc:
         sys.stderr.write(f"epicrisis: {exc}\n")
         return EXIT_USAGE
@@ -160,6 +171,7 @@ def run_submit(args: argparse.Namespace) -> int:
                     work,
                     args.server,
                     credentials,
+                    api_key,
                     options,
                     fmt=args.format,
                     concurrency=args.concurrency,
@@ -216,19 +228,48 @@ def _plan(paths: Sequence[str], out: Path, fmt: str, *, force: bool) -> tuple[li
     return todo, len(work) - len(todo)
 
 
-def _credentials(tls: bool, ca_cert: Path | None) -> grpc.ChannelCredentials | None:
-    if ca_cert is not None:
-        try:
-            return grpc.ssl_channel_credentials(root_certificates=ca_cert.read_bytes())
-        except OSError as exc:
-            raise _UsageError(f"cannot read --ca-cert {ca_cert}: {exc.strerror}") from None
-    return grpc.ssl_channel_credentials() if tls else None
+def _credentials(
+    tls: bool, ca_cert: Path | None, client_cert: Path | None, client_key: Path | None
+) -> grpc.ChannelCredentials | None:
+    if (client_cert is None) != (client_key is None):
+        raise _UsageError("--client-cert and --client-key go together")
+    pems = {
+        option: _read(path, option)
+        for option, path in (
+            ("--ca-cert", ca_cert), ("--client-cert", client_cert), ("--client-key", client_key)
+        )
+        if path is not None
+    }  # fmt: skip
+    if not (tls or pems):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=pems.get("--ca-cert"),
+        private_key=pems.get("--client-key"),
+        certificate_chain=pems.get("--client-cert"),
+    )
+
+
+def _api_key(path: Path | None) -> str | None:
+    if path is None:
+        return os.environ.get("EPICRISIS_API_KEY") or None
+    key = _read(path, "--api-key-file").decode(errors="replace").strip()
+    if not key:
+        raise _UsageError(f"--api-key-file {path} is empty")
+    return key
+
+
+def _read(path: Path, option: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise _UsageError(f"cannot read {option} {path}: {exc.strerror}") from None
 
 
 async def _submit_all(
     work: list[_Work],
     server: str,
     credentials: grpc.ChannelCredentials | None,
+    api_key: str | None,
     options: Options,
     *,
     fmt: str,
@@ -236,7 +277,9 @@ async def _submit_all(
     timeout: float,
     progress: _Progress,
 ) -> None:
-    async with AsyncClient(server, credentials=credentials, retry=BULK_RETRY) as client:
+    async with AsyncClient(
+        server, credentials=credentials, api_key=api_key, retry=BULK_RETRY
+    ) as client:
         await client.wait_ready(CONNECT_TIMEOUT)
         progress.show()
         slots = asyncio.Semaphore(concurrency)

@@ -28,8 +28,9 @@ from epicrisis.v1 import summarizer_pb2 as pb
 class Client:
     """A blocking client of ``epicrisis.v1.DischargeSummarizer``.
 
-    ``target`` is ``host:port``; pass ``credentials`` (``grpc.ssl_channel_credentials()``)
-    for TLS. ``timeout`` bounds each unary call in seconds (None: no deadline). Every
+    ``target`` is ``host:port``; pass ``credentials`` (``grpc.ssl_channel_credentials()``,
+    with a client certificate for mutual TLS) for TLS and ``api_key`` when the server
+    authenticates callers (it is sent as ``authorization: Bearer <key>``). ``timeout`` bounds each unary call in seconds (None: no deadline). Every
     failure is a :class:`~epicrisis.client.errors.ClientError`.
     """
 
@@ -38,6 +39,7 @@ class Client:
         target: str,
         *,
         credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
         retry: RetryPolicy | None = None,
         on_retry: RetryHook | None = None,
@@ -49,7 +51,7 @@ class Client:
             if credentials is None
             else grpc.secure_channel(target, credentials, options=opts)
         )
-        self._methods = Methods.bind(self._channel)
+        self._methods = Methods.bind(self._channel, api_key=api_key)
         self._timeout = timeout
         self._retry = retry or RetryPolicy()
         self._on_retry = on_retry

@@ -42,6 +42,9 @@ class JsonFormatter(logging.Formatter):
         for name, value in (("request_id", REQUEST_ID.get()), ("job_id", JOB_ID.get())):
             if value is not None:
                 entry[name] = value
+        audit = getattr(record, "audit", None)
+        if isinstance(audit, dict):
+            entry["audit"] = audit
         span = trace.get_current_span().get_span_context()
         if span.is_valid:
             entry["trace_id"] = f"{span.trace_id:032x}"

@@ -71,6 +71,7 @@ class Sealer:
         # Lookup keys (idempotency keys, request digests) are hashed with a key of their own,
         # derived from the current key, so a guessed input cannot be confirmed from Redis.
         self._index_key = hmac.new(keys[current], _INDEX_LABEL, hashlib.sha256).digest()
+        self._current_key = keys[current]
 
     @property
     def current(self) -> str:
@@ -98,6 +99,10 @@ class Sealer:
             return cipher.decrypt(nonce, sealed[end + NONCE_BYTES :], sealed[:end] + context)
         except InvalidTag:
             raise SealError("sealed value failed authentication") from None
+
+    def derive_key(self, label: bytes) -> bytes:
+        """A key for another purpose (the audit's patient hash), derived from the current key."""
+        return hmac.new(self._current_key, label, hashlib.sha256).digest()
 
     def index(self, value: bytes | str) -> str:
         """A keyed hash for Redis lookups: equal inputs match, the input cannot be recovered."""

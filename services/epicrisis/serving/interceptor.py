@@ -1,9 +1,12 @@
-"""Every gRPC call observed in one place: request id, trace span, metrics by method and code.
+"""Every gRPC call in one place: its caller, request id, trace span, metrics by method and code.
 
-The request id is the caller's ``x-request-id`` metadata when it is a short token, else a
-new one; it and the call's span follow the call into every log record (observability.logs).
-Status codes come from the outcome: a normal return is OK (unless the handler set a code),
-an abort carries its code, a cancelled call is CANCELLED.
+The caller is authenticated here (:mod:`auth`): a missing or unknown API key is
+UNAUTHENTICATED, a method outside the key's rights PERMISSION_DENIED, before the service
+sees the call; health checking and reflection need no key. The request id is the caller's
+``x-request-id`` metadata when it is a short token, else a new one; it and the call's span
+follow the call into every log record (observability.logs). Status codes come from the
+outcome: a normal return is OK (unless the handler set a code), an abort carries its code,
+a cancelled call is CANCELLED.
 """
 
 from __future__ import annotations
@@ -24,11 +27,21 @@ from opentelemetry import trace
 from epicrisis.observability import metrics
 from epicrisis.observability.logs import REQUEST_ID
 from epicrisis.observability.tracing import parent, tracer
+from epicrisis.serving.auth import (
+    ANONYMOUS_CALLER,
+    CALLER,
+    METHOD_RIGHTS,
+    ApiKeys,
+    presented_key,
+)
 
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # anything else is replaced, never logged
 
 
 class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, keys: ApiKeys | None) -> None:
+        self._keys = keys  # None: anonymous callers allowed (EPICRISIS_ALLOW_ANONYMOUS)
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
@@ -44,6 +57,7 @@ class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def observed_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 with _observed(name, method, context):
+                    await self._authenticate(method, context)
                     return await unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -58,6 +72,7 @@ class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
                 with _observed(name, method, context, current=False):
+                    await self._authenticate(method, context)
                     async for item in stream(request, context):
                         yield item
 
@@ -80,15 +95,35 @@ class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return handler  # streaming requests (reflection): not observed
 
+    async def _authenticate(self, method: str, context: grpc.aio.ServicerContext) -> None:
+        """Set the call's caller, or end the call: UNAUTHENTICATED, PERMISSION_DENIED."""
+        if method not in METHOD_RIGHTS:
+            return  # health checking: probes carry no key
+        if self._keys is None:
+            CALLER.set(ANONYMOUS_CALLER)
+            return
+        key = presented_key(_metadata(context))
+        caller = None if key is None else self._keys.authenticate(key)
+        if caller is None:
+            await context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "a valid API key is required (authorization: Bearer <key>)",
+            )
+        assert caller is not None  # abort raises
+        if not caller.may(method):
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"caller {caller.id} may not call {method} (rights: {','.join(sorted(caller.rights))})",
+            )
+        CALLER.set(caller)
+
 
 @contextlib.contextmanager
 def _observed(
     name: str, method: str, context: grpc.aio.ServicerContext, *, current: bool = True
 ) -> Iterator[None]:
     """Time the call, count it by its status code, and run it in its span and request id."""
-    metadata = {
-        key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
-    }
+    metadata = _metadata(context)
     given = metadata.get("x-request-id", "")
     REQUEST_ID.set(given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex)
     started = time.perf_counter()
@@ -123,6 +158,13 @@ def _observed(
         span.end()
         metrics.RPC_REQUESTS.labels(method, code).inc()
         metrics.RPC_DURATION.labels(method).observe(time.perf_counter() - started)
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    """The call's text metadata (binary ``-bin`` values are left out)."""
+    return {
+        key: value for key, value in context.invocation_metadata() or () if isinstance(value, str)
+    }
 
 
 def _code_name(code: object) -> str | None:

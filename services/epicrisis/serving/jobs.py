@@ -18,6 +18,7 @@ from typing import Literal
 
 from epicrisis.errors import EpicrisisError
 from epicrisis.observability import metrics
+from epicrisis.serving.auth import ANONYMOUS
 from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
 
@@ -66,6 +67,7 @@ class JobRecord:
     summary: DischargeSummary | None = None
     fhir_document: str | None = None
     error: JobFailure | None = None
+    owner: str = ANONYMOUS  # the caller that submitted it: no one else sees it
 
     @property
     def final(self) -> bool:
@@ -167,7 +169,7 @@ class MemoryJobStore:
         self._keys: dict[str, tuple[str, str]] = {}  # idempotency key -> (job id, fingerprint)
 
     async def create(
-        self, *, idempotency_key: str | None, request_digest: str
+        self, *, idempotency_key: str | None, request_digest: str, owner: str = ANONYMOUS
     ) -> tuple[JobRecord, bool]:
         """A new QUEUED job, or the job of a known idempotency key (``created`` is then False)."""
         self._forget_expired()
@@ -181,7 +183,9 @@ class MemoryJobStore:
                 return self._slots[job_id].record, False
         if len(self._slots) >= self._max_jobs:
             raise QueueFull(f"the server holds {self._max_jobs} jobs; retry later")
-        record = JobRecord(id=uuid.uuid4().hex, state=JobState.QUEUED, created_at=time.time())
+        record = JobRecord(
+            id=uuid.uuid4().hex, state=JobState.QUEUED, created_at=time.time(), owner=owner
+        )
         self._slots[record.id] = _Slot(record, expires_at=time.monotonic() + self._ttl)
         if idempotency_key is not None:
             self._keys[idempotency_key] = (record.id, request_digest)

@@ -33,6 +33,7 @@ import orjson
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError, WatchError
 
+from epicrisis.serving.auth import ANONYMOUS
 from epicrisis.serving.crypto import Sealer
 from epicrisis.serving.jobs import (
     IdempotencyConflict,
@@ -115,10 +116,12 @@ class RedisJobStore:
     # -- the MemoryJobStore interface ------------------------------------------------------
 
     async def create(
-        self, *, idempotency_key: str | None, request_digest: str
+        self, *, idempotency_key: str | None, request_digest: str, owner: str = ANONYMOUS
     ) -> tuple[JobRecord, bool]:
         """A new QUEUED job, or the live job of a known idempotency key (``created`` False)."""
-        record = JobRecord(id=uuid.uuid4().hex, state=JobState.QUEUED, created_at=time.time())
+        record = JobRecord(
+            id=uuid.uuid4().hex, state=JobState.QUEUED, created_at=time.time(), owner=owner
+        )
         if idempotency_key is None:
             await self._redis.set(
                 self._key("job", record.id), self._seal(record, None), px=self._ttl_ms
@@ -340,6 +343,7 @@ def _record_to_json(record: JobRecord) -> dict[str, Any]:
         "summary": None if record.summary is None else record.summary.model_dump(mode="json"),
         "fhir_document": record.fhir_document,
         "error": None if record.error is None else asdict(record.error),
+        "owner": record.owner,
     }
 
 
@@ -357,6 +361,7 @@ def _record_from_json(data: dict[str, Any]) -> JobRecord:
         summary=None if summary is None else DischargeSummary.model_validate(summary),
         fhir_document=data["fhir_document"],
         error=None if error is None else JobFailure(**error),
+        owner=data.get("owner", ANONYMOUS),
     )
 
 

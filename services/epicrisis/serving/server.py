@@ -15,6 +15,7 @@ import logging
 import signal
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import get_args
 
 import grpc
@@ -22,8 +23,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from epicrisis.config import Settings
+from epicrisis.errors import ConfigurationError
 from epicrisis.observability import metrics
 from epicrisis.observability.tracing import configure_tracing, shutdown_tracing
+from epicrisis.serving.audit import Auditor
+from epicrisis.serving.auth import ApiKeys
 from epicrisis.serving.backends import BackendChooser, JobSummarizer
 from epicrisis.serving.embedded import EmbeddedWorker
 from epicrisis.serving.interceptor import ObservedCalls
@@ -41,10 +45,14 @@ def create_server(
     health_servicer: health.aio.HealthServicer,
     *,
     max_bundle_bytes: int,
+    credentials: grpc.ServerCredentials | None = None,
+    keys: ApiKeys | None = None,
 ) -> tuple[grpc.aio.Server, int]:
+    """A server on ``address``: TLS with ``credentials`` (None: plaintext), callers
+    authenticated by ``keys`` (None: anonymous)."""
     size = max_bundle_bytes + MESSAGE_OVERHEAD
     server = grpc.aio.server(
-        interceptors=[ObservedCalls()],
+        interceptors=[ObservedCalls(keys)],
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),
@@ -62,12 +70,68 @@ def create_server(
         server,
     )
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError:  # grpc's word for a bind failure
         port = 0
     if port == 0:
         raise OSError(errno.EADDRINUSE, f"could not listen on {address} (address in use?)")
     return server, port
+
+
+def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    """TLS from ``EPICRISIS_GRPC_TLS_*`` (mutual when a client CA is set); None (plaintext)
+    only when ``EPICRISIS_GRPC_ALLOW_PLAINTEXT`` says so: never by default."""
+    cert, key, client_ca = (
+        settings.grpc_tls_cert_file,
+        settings.grpc_tls_key_file,
+        settings.grpc_tls_client_ca_file,
+    )
+    if cert is None and key is None:
+        if client_ca is not None:
+            raise ConfigurationError("EPICRISIS_GRPC_TLS_CLIENT_CA_FILE needs a server certificate")
+        if settings.grpc_allow_plaintext:
+            return None
+        raise ConfigurationError(
+            "no TLS certificate: set EPICRISIS_GRPC_TLS_CERT_FILE and EPICRISIS_GRPC_TLS_KEY_FILE "
+            "(or EPICRISIS_GRPC_ALLOW_PLAINTEXT=true, for local use only)"
+        )
+    if cert is None or key is None:
+        raise ConfigurationError(
+            "EPICRISIS_GRPC_TLS_CERT_FILE and EPICRISIS_GRPC_TLS_KEY_FILE go together"
+        )
+    pem = {name: _read_pem(path, name) for name, path in (("CERT", cert), ("KEY", key))}
+    ca = None if client_ca is None else _read_pem(client_ca, "CLIENT_CA")
+    return grpc.ssl_server_credentials(
+        [(pem["KEY"], pem["CERT"])], root_certificates=ca, require_client_auth=ca is not None
+    )
+
+
+def api_keys(settings: Settings) -> ApiKeys | None:
+    """The callers of ``EPICRISIS_API_KEYS_FILE``; None (anonymous) only when
+    ``EPICRISIS_ALLOW_ANONYMOUS`` says so: never by default."""
+    if settings.api_keys_file is not None:
+        return ApiKeys.from_file(settings.api_keys_file)
+    if settings.allow_anonymous:
+        return None
+    raise ConfigurationError(
+        "no API keys: set EPICRISIS_API_KEYS_FILE (see `epicrisis api-key`), "
+        "or EPICRISIS_ALLOW_ANONYMOUS=true for local use only"
+    )
+
+
+def _read_pem(path: Path, name: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read EPICRISIS_GRPC_TLS_{name}_FILE ({exc.strerror or type(exc).__name__})"
+        ) from None
+    if b"-----BEGIN " not in data:
+        raise ConfigurationError(f"EPICRISIS_GRPC_TLS_{name}_FILE is not PEM")
+    return data
 
 
 @contextlib.asynccontextmanager
@@ -90,9 +154,11 @@ async def embedded_service(
     health_servicer = health.aio.HealthServicer()
     server, port = create_server(
         address,
-        DischargeSummarizer(store, worker),
+        DischargeSummarizer(store, worker, Auditor.from_settings(settings)),
         health_servicer,
         max_bundle_bytes=settings.limits.max_bundle_bytes,
+        credentials=server_credentials(settings),
+        keys=api_keys(settings),
     )
     await _set_status(health_servicer, health_pb2.HealthCheckResponse.SERVING, "embedded")
 
@@ -131,11 +197,14 @@ async def queued_service(
     )
     app = create_app(settings)
     health_servicer = health.aio.HealthServicer()
+    worker = QueuedWorker(store, app, max_queued=settings.max_queued_jobs)
     server, port = create_server(
         address,
-        DischargeSummarizer(store, QueuedWorker(store, app, max_queued=settings.max_queued_jobs)),
+        DischargeSummarizer(store, worker, Auditor.from_settings(settings)),
         health_servicer,
         max_bundle_bytes=settings.limits.max_bundle_bytes,
+        credentials=server_credentials(settings),
+        keys=api_keys(settings),
     )
 
     async def redis_answers() -> bool:
@@ -234,15 +303,25 @@ async def run_server(settings: Settings, *, embedded: bool) -> None:
         loop.add_signal_handler(sig, stop.set)
     service = embedded_service(settings, address) if embedded else queued_service(settings, address)
     mode = "embedded worker" if embedded else f"jobs queued on {_redacted(settings.redis_url)}"
+    transport = (
+        "plaintext"
+        if settings.grpc_tls_cert_file is None
+        else "mutual TLS"
+        if settings.grpc_tls_client_ca_file is not None
+        else "TLS"
+    )
+    callers = "API keys" if settings.api_keys_file is not None else "anonymous callers"
     metrics_address = metrics.serve_metrics(settings, default_port=metrics.SERVER_PORT)
     configure_tracing("server")
     try:
         async with service as (_, port, _health):
             log.info(
-                "serving gRPC on %s:%d (%s); metrics on %s",
+                "serving gRPC on %s:%d (%s; %s, %s); metrics on %s",
                 settings.grpc_host,
                 port,
                 mode,
+                transport,
+                callers,
                 metrics_address,
             )
             await stop.wait()

@@ -8,10 +8,12 @@ the queued modes share this code. Every method goes through :func:`_unary` or
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -20,9 +22,18 @@ from epicrisis.observability import metrics
 from epicrisis.observability.logs import JOB_ID
 from epicrisis.observability.tracing import carrier, tracer
 from epicrisis.pipeline import load_stay
+from epicrisis.serving.audit import Auditor
+from epicrisis.serving.auth import current_caller
 from epicrisis.serving.convert import job_message
-from epicrisis.serving.jobs import Accepted, JobOptions, JobRecord, QueueFull, fingerprint
-from epicrisis.serving.status import status_for
+from epicrisis.serving.jobs import (
+    Accepted,
+    JobNotFound,
+    JobOptions,
+    JobRecord,
+    QueueFull,
+    fingerprint,
+)
+from epicrisis.serving.status import grpc_status_name, status_for
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 
@@ -34,6 +45,25 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DischargeSummarizer"].full_name
 # from holding up the rest.
 VALIDATIONS_AT_ONCE = 2
 DEADLINE_MARGIN_SECONDS = 0.05  # answer DEADLINE_EXCEEDED ourselves, before the transport does
+
+
+@dataclasses.dataclass(slots=True)
+class _Event:
+    """What a call's audit event names, filled in as the call learns it."""
+
+    job_id: str | None = None
+    patient: str | None = None  # a reference; the auditor hashes it
+    state: str | None = None  # the job's state when it was read
+
+
+def _read(event: _Event, record: JobRecord) -> JobRecord:
+    """Note a job read for the audit: which job, whose, in what state."""
+    event.job_id = record.id
+    event.state = record.state.value
+    if record.summary is not None:
+        event.patient = record.summary.patient.reference
+    return record
+
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -51,7 +81,7 @@ class JobStore(Protocol):
     """The job records: in memory (embedded) or in Redis (queued)."""
 
     async def create(
-        self, *, idempotency_key: str | None, request_digest: str
+        self, *, idempotency_key: str | None, request_digest: str, owner: str
     ) -> tuple[JobRecord, bool]: ...
 
     async def get(self, job_id: str) -> JobRecord: ...
@@ -96,31 +126,46 @@ def _streaming(
 
 
 class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
-    def __init__(self, store: JobStore, worker: Worker) -> None:
+    """The service. A caller sees only its own jobs: another caller's job id is NOT_FOUND,
+    exactly as an unknown one, and idempotency keys are scoped to their caller."""
+
+    def __init__(self, store: JobStore, worker: Worker, auditor: Auditor) -> None:
         self._store = store
         self._worker = worker
+        self._auditor = auditor
         self._validating = asyncio.Semaphore(VALIDATIONS_AT_ONCE)
 
     @_unary
     async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        return job_message(await self._accept(request))
+        with self._audited("submit", "Submit") as event:
+            record = await self._accept(request, event)
+            return job_message(record)
 
     @_unary
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        return job_message(await self._store.get(request.id))
+        with self._audited("read", "GetJob") as event:
+            return job_message(_read(event, await self._owned(request.id)))
 
     @_streaming
     async def WatchJob(
         self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.Job]:
-        async for record in self._store.watch(request.id):
-            yield job_message(record)
+        with self._audited("read", "WatchJob") as event:
+            await self._owned(request.id)
+            async for record in self._store.watch(request.id):
+                yield job_message(_read(event, record))
 
     @_unary
     async def Summarize(
         self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext
     ) -> pb.Job:
-        record = await self._accept(request)
+        with self._audited("summarize", "Summarize") as event:
+            return await self._summarize(request, context, event)
+
+    async def _summarize(
+        self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext, event: _Event
+    ) -> pb.Job:
+        record = await self._accept(request, event)
         remaining = context.time_remaining()
         budget = None if remaining is None else max(remaining - DEADLINE_MARGIN_SECONDS, 0.0)
         try:
@@ -134,15 +179,52 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
         except asyncio.CancelledError:
             await self._worker.cancel(record.id)  # the caller went away
             raise
-        return job_message(final)
+        return job_message(_read(event, final))
 
     @_unary
     async def CancelJob(
         self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
     ) -> pb.Job:
-        return job_message(await self._worker.cancel(request.id))
+        with self._audited("cancel", "CancelJob") as event:
+            await self._owned(request.id)
+            event.job_id = request.id
+            return job_message(await self._worker.cancel(request.id))
 
-    async def _accept(self, request: pb.SubmitRequest) -> JobRecord:
+    async def _owned(self, job_id: str) -> JobRecord:
+        """The caller's own job; another caller's is as unknown as a job that never was."""
+        record = await self._store.get(job_id)
+        if record.owner != current_caller().id:
+            raise JobNotFound("no such job (it may have expired)")
+        return record
+
+    @contextlib.contextmanager
+    def _audited(self, action: str, method: str) -> Iterator[_Event]:
+        """One audit event for the call, with its outcome (the status code it ends with)."""
+        event = _Event()
+        outcome = "OK"
+        caller = current_caller().id  # now: a stream may be closed from another context
+        try:
+            yield event
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "CANCELLED"
+            raise
+        except grpc.aio.AbortError:
+            outcome = "ABORTED"  # the call's own status (e.g. DEADLINE_EXCEEDED) is in its span
+            raise
+        except Exception as exc:
+            outcome = grpc_status_name(status_for(exc))
+            raise
+        finally:
+            self._auditor.event(
+                action,
+                caller=caller,
+                method=method,
+                outcome=outcome if event.state is None else f"{outcome} ({event.state})",
+                job_id=event.job_id,
+                patient=event.patient,
+            )
+
+    async def _accept(self, request: pb.SubmitRequest, event: _Event) -> JobRecord:
         """Validate the Bundle (bad input fails the RPC), then create and queue the job."""
         options = request.options
         encounter_id = request.encounter_id if request.HasField("encounter_id") else None
@@ -157,10 +239,16 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
                     allow_emergency=options.allow_emergency,
                 )
             metrics.STAGE_DURATION.labels("ingest").observe(time.perf_counter() - clock)
+        event.patient = stay.patient.ref
         digest = fingerprint(
             request.bundle, encounter_id, options.SerializeToString(deterministic=True)
         )
-        key = request.idempotency_key if request.HasField("idempotency_key") else None
+        caller = current_caller().id
+        key = (
+            f"{caller}\x00{request.idempotency_key}"  # one caller's key never finds another's job
+            if request.HasField("idempotency_key")
+            else None
+        )
         accepted = Accepted(
             stay,
             JobOptions(
@@ -175,7 +263,10 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
             ),
             "batch" if options.priority == pb.PRIORITY_BATCH else "interactive",
         )
-        record, created = await self._store.create(idempotency_key=key, request_digest=digest)
+        record, created = await self._store.create(
+            idempotency_key=key, request_digest=digest, owner=caller
+        )
+        event.job_id = record.id
         if created:
             try:
                 await self._worker.enqueue(record.id, accepted)
@@ -189,6 +280,7 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
         return record
 
     async def _final(self, job_id: str) -> JobRecord:
+        """The job's final record (the caller just created it: no ownership check)."""
         async for record in self._store.watch(job_id):
             if record.final:
                 return record

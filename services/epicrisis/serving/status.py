@@ -52,6 +52,11 @@ def status_for(exc: BaseException) -> grpc.Status:
     return _status(code_pb2.INTERNAL, "internal error; please report it")
 
 
+def grpc_status_name(status: grpc.Status) -> str:
+    """``INVALID_ARGUMENT`` and so on: the code of a status from :func:`status_for`."""
+    return str(status.code.name)
+
+
 def _status(code: int, message: str, details: list[any_pb2.Any] | None = None) -> grpc.Status:
     return rpc_status.to_status(
         status_pb2.Status(code=code, message=message, details=details or [])
