@@ -45,6 +45,7 @@ class Settings(BaseSettings):
     grpc_tls_key_file: Path | None = None  # its PEM private key
     grpc_tls_client_ca_file: Path | None = None  # set: clients must present a cert it signed
     grpc_allow_plaintext: bool = False  # serve without TLS: local use only, never by default
+    health_port: int | None = Field(None, ge=0, le=65535)  # grpc.health.v1 alone, plaintext
     api_keys_file: Path | None = None  # "caller sha256:<hex> [scope,...]" per line
     allow_anonymous: bool = False  # no API keys: every caller is "anonymous" (local use only)
     audit_key: SecretStr | None = None  # keys the patient hash of audit events (default: derived)

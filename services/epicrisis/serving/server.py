@@ -246,8 +246,26 @@ async def _watched(
     mode: str,
 ) -> AsyncIterator[None]:
     """The server started, health following ``checks`` and the gauges ``sample`` while the
-    body runs; then NOT_SERVING and a drained stop (also when starting failed half way)."""
+    body runs; then NOT_SERVING and a drained stop (also when starting failed half way).
+
+    With ``EPICRISIS_HEALTH_PORT`` the same health status is also served alone, in
+    plaintext, on that port: Kubernetes' gRPC probes speak neither TLS nor API keys, and
+    the status says nothing about any patient.
+    """
+    probes: grpc.aio.Server | None = None
     try:
+        if settings.health_port is not None:
+            probes = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, probes)
+            address = f"{settings.grpc_host}:{settings.health_port}"
+            try:
+                port = probes.add_insecure_port(address)
+            except RuntimeError:
+                port = 0
+            if port == 0:
+                raise OSError(errno.EADDRINUSE, f"could not listen on {address} (address in use?)")
+            await probes.start()
+            log.info("gRPC health alone, in plaintext, on %s:%d", settings.grpc_host, port)
         await server.start()
         watchdog = asyncio.create_task(_watch(checks, health_servicer, sample, mode))
         try:
@@ -257,6 +275,8 @@ async def _watched(
     finally:
         await _set_status(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING, mode)
         await server.stop(settings.shutdown_grace_seconds)
+        if probes is not None:
+            await probes.stop(0)
 
 
 async def _set_status(health_servicer: health.aio.HealthServicer, status: int, mode: str) -> None:
