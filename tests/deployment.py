@@ -16,9 +16,12 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from certs import Authority, Issued
+from epicrisis.serving.auth import new_key
 from epicrisis.serving.crypto import new_key_text
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
@@ -34,6 +37,60 @@ LOCAL_ONLY = {"grpc_allow_plaintext": True, "allow_anonymous": True}  # the same
 LLM = pb.SummaryOptions(backend=pb.BACKEND_LLM)
 
 
+CALLERS = {"ehr": "", "other": "", "reader": "read"}  # a secure deployment's callers, rights
+
+
+@dataclass
+class Security:
+    """A secure deployment's trust: its CA, a client certificate, and each caller's key."""
+
+    ca: bytes
+    client: Issued
+    keys: dict[str, str]  # caller -> API key
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca,
+            private_key=self.client.key,
+            certificate_chain=self.client.cert,
+        )
+
+
+def _secure_env(folder: Path) -> tuple[dict[str, str], Security]:
+    """Mutual TLS and API keys for a server: certificates and keys file in ``folder``."""
+    authority = Authority("epicrisis test CA")
+    cert, key = authority.issue("127.0.0.1", server=True).write(folder, "server")
+    (folder / "ca.crt").write_bytes(authority.pem)
+    keys, lines = {}, []
+    for caller, rights in CALLERS.items():
+        keys[caller], line = new_key(caller, rights)
+        lines.append(line)
+    (folder / "api-keys").write_text("\n".join(lines) + "\n")
+    env = {
+        "EPICRISIS_GRPC_TLS_CERT_FILE": str(cert),
+        "EPICRISIS_GRPC_TLS_KEY_FILE": str(key),
+        "EPICRISIS_GRPC_TLS_CLIENT_CA_FILE": str(folder / "ca.crt"),
+        "EPICRISIS_API_KEYS_FILE": str(folder / "api-keys"),
+    }
+    return env, Security(authority.pem, authority.issue("ehr-client", server=False), keys)
+
+
+class _Key(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds a caller's API key to every call of a channel."""
+
+    def __init__(self, key: str) -> None:
+        self._metadata = [("authorization", f"Bearer {key}")]
+
+    def _keyed(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), *self._metadata])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._keyed(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._keyed(details), request)
+
+
 @dataclass
 class Deployment:
     """A running queued deployment: the server's address, the environment its processes
@@ -44,9 +101,22 @@ class Deployment:
     sims: list[str]  # base URLs of the simulators the worker uses
     worker_log: Path
     workers: list[subprocess.Popen[str]]
+    security: Security | None = None  # None: plaintext, anonymous callers
 
-    def stub(self) -> tuple[grpc.Channel, pb_grpc.DischargeSummarizerStub]:
-        channel = grpc.insecure_channel(self.target)
+    def channel(self, caller: str | None = "ehr") -> grpc.Channel:
+        """A channel to the server: over mutual TLS as ``caller`` (None: no key) when the
+        deployment is secure, else plaintext."""
+        if self.security is None:
+            return grpc.insecure_channel(self.target)
+        channel = grpc.secure_channel(self.target, self.security.credentials())
+        if caller is None:
+            return channel
+        return grpc.intercept_channel(channel, _Key(self.security.keys[caller]))
+
+    def stub(
+        self, caller: str | None = "ehr"
+    ) -> tuple[grpc.Channel, pb_grpc.DischargeSummarizerStub]:
+        channel = self.channel(caller)
         return channel, pb_grpc.DischargeSummarizerStub(channel)
 
     def summarize(self, bundle: bytes = SAMPLE, options: pb.SummaryOptions = LLM) -> pb.Job:
@@ -89,6 +159,16 @@ def launch(
             raise AssertionError(f"{argv[1]} did not start:\n{log.read_text(errors='replace')}")
         time.sleep(0.02)
     return process, match.group(1)
+
+
+def metrics_address(log: Path) -> str:
+    """``host:port`` of the /metrics that a server or worker logging to ``log`` announced."""
+    deadline = time.monotonic() + WAIT_SECONDS
+    pattern = r"metrics on http://(127\.0\.0\.1:\d+)/metrics"
+    while not (found := re.search(pattern, log.read_text(errors="replace"))):
+        assert time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+        time.sleep(0.05)
+    return found.group(1)
 
 
 def stop(process: subprocess.Popen[str]) -> int:
@@ -143,11 +223,14 @@ def deployed(
     worker_args: Sequence[str] = ("--concurrency", "8"),
     workers: int = 1,
     env: dict[str, str] | None = None,
+    secure: bool = False,
 ) -> Iterator[Deployment]:
     """Redis, ``sims`` simulators (plus ``dead_endpoints`` URLs that refuse connections),
     ``workers`` worker processes and the server; stopped in reverse order, each required to
-    exit cleanly."""
+    exit cleanly. ``secure``: the server with mutual TLS and API keys (:data:`CALLERS`),
+    as in production; else plaintext with anonymous callers."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("EPICRISIS_")}
+    security_env, security = _secure_env(tmp) if secure else (LOCAL_ENV, None)
     with redis_server() as redis, contextlib.ExitStack() as stack:
         urls = [_start_sim(stack, tmp, *sim_args) for _ in range(sims)]
         settings = (
@@ -159,12 +242,12 @@ def deployed(
                 "EPICRISIS_GRPC_PORT": "0",
                 "EPICRISIS_METRICS_PORT": "0",
                 "EPICRISIS_WORKER_HEARTBEAT_SECONDS": "0.5",
-                **LOCAL_ENV,
+                **security_env,
                 "EPICRISIS_JOB_RETRY_BACKOFF_MAX_SECONDS": "4",
             }
             | (env or {})
         )
-        deployment = Deployment("", settings, urls, tmp / "worker.log", [])
+        deployment = Deployment("", settings, urls, tmp / "worker.log", [], security)
 
         def stop_workers() -> None:
             for worker in deployment.workers:

@@ -39,6 +39,7 @@ from deployment import (
     Deployment,
     deployed,
     launch,
+    metrics_address,
     stop,
 )
 from epicrisis.observability.logs import JOB_ID, JsonFormatter
@@ -108,16 +109,6 @@ class Observed:
     logs: Path
 
 
-def _metrics_address(log: Path) -> str:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while not (
-        found := re.search(r"metrics on http://(127\.0\.0\.1:\d+)/metrics", log.read_text())
-    ):
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.05)
-    return found.group(1)
-
-
 @pytest.fixture(scope="module")
 def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
     logs = tmp_path_factory.mktemp("observed")
@@ -157,8 +148,8 @@ def observed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Observed]:
                 assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
             yield Observed(
                 deployment,
-                _metrics_address(logs / "server.log"),
-                _metrics_address(deployment.worker_log),
+                metrics_address(logs / "server.log"),
+                metrics_address(deployment.worker_log),
                 spans,
                 logs,
             )
@@ -390,7 +381,7 @@ def test_the_embedded_server_exports_its_own_queue_and_jobs(tmp_path: Path) -> N
                 pb.SubmitRequest(bundle=SAMPLE), timeout=WAIT_SECONDS
             )
         assert job.state == pb.JOB_STATE_SUCCEEDED
-        text = scrape(_metrics_address(log))
+        text = scrape(metrics_address(log))
     finally:
         assert stop(server) == 0, log.read_text()[-3000:]
     assert 'epicrisis_jobs_finished_total{state="succeeded"} 1.0' in text
