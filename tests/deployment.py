@@ -224,19 +224,22 @@ def deployed(
     workers: int = 1,
     env: dict[str, str] | None = None,
     secure: bool = False,
+    redis_url: str | None = None,
 ) -> Iterator[Deployment]:
     """Redis, ``sims`` simulators (plus ``dead_endpoints`` URLs that refuse connections),
     ``workers`` worker processes and the server; stopped in reverse order, each required to
     exit cleanly. ``secure``: the server with mutual TLS and API keys (:data:`CALLERS`),
-    as in production; else plaintext with anonymous callers."""
+    as in production; else plaintext with anonymous callers. ``redis_url``: a Redis the
+    caller runs (with a password or TLS, say) instead of a fresh one."""
     base = {k: v for k, v in os.environ.items() if not k.startswith("EPICRISIS_")}
     security_env, security = _secure_env(tmp) if secure else (LOCAL_ENV, None)
-    with redis_server() as redis, contextlib.ExitStack() as stack:
+    own_redis = redis_server() if redis_url is None else contextlib.nullcontext(None)
+    with own_redis as redis, contextlib.ExitStack() as stack:
         urls = [_start_sim(stack, tmp, *sim_args) for _ in range(sims)]
         settings = (
             base
             | {
-                "EPICRISIS_REDIS_URL": redis.url,
+                "EPICRISIS_REDIS_URL": redis.url if redis is not None else str(redis_url),
                 "EPICRISIS_ENCRYPTION_KEY": new_key_text(),
                 "EPICRISIS_LLM_URLS": ",".join(urls + [_closed_port_url()] * dead_endpoints),
                 "EPICRISIS_GRPC_PORT": "0",

@@ -8,10 +8,15 @@ every right, ``reader`` with ``read`` only); the test makes its own CA with ``cr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
+import shutil
+import socket
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -296,3 +301,56 @@ def test_epicrisis_api_key_prints_a_key_and_the_line_that_admits_it(tmp_path: Pa
     caller = ApiKeys.from_file(settings.api_keys_file).authenticate(key)
     assert caller is not None and caller.rights == frozenset({"read"})
     assert os.path.getsize(tmp_path / "keys") < 200
+
+
+@contextlib.contextmanager
+def tls_redis(folder: Path) -> Iterator[str]:
+    """A redis-server that takes only TLS connections and a password; its rediss:// URL."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not on PATH")
+    authority = Authority("redis CA")
+    cert, key = authority.issue("127.0.0.1", server=True).write(folder, "redis")
+    (folder / "redis-ca.crt").write_bytes(authority.pem)
+    password = secrets.token_urlsafe(16)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen(
+        [
+            binary, "--port", "0", "--bind", "127.0.0.1", "--tls-port", str(port),
+            "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+            "--tls-ca-cert-file", str(folder / "redis-ca.crt"), "--tls-auth-clients", "no",
+            "--requirepass", password, "--save", "", "--appendonly", "no", "--dir", str(folder),
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    query = f"ssl_ca_certs={folder / 'redis-ca.crt'}&ssl_cert_reqs=required"
+    url = f"rediss://:{password}@127.0.0.1:{port}/0?{query}"
+    try:
+        deadline = time.monotonic() + WAIT_SECONDS
+        while True:
+            try:
+                with redis.Redis.from_url(url) as client:
+                    client.ping()
+                break
+            except redis.ConnectionError:
+                assert process.poll() is None and time.monotonic() < deadline, "no TLS redis"
+                time.sleep(0.1)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_a_redis_with_tls_and_a_password_serves_the_queued_mode(tmp_path: Path) -> None:
+    with tls_redis(tmp_path) as url, deployed(tmp_path, secure=True, redis_url=url) as running:
+        channel, stub = running.stub(caller="ehr")
+        with channel:
+            job = stub.Summarize(pb.SubmitRequest(bundle=SAMPLE, options=LLM), timeout=WAIT_SECONDS)
+        assert job.state == pb.JOB_STATE_SUCCEEDED
+        plain = url.replace("rediss://", "redis://").split("?")[0]
+        with pytest.raises(redis.ConnectionError), redis.Redis.from_url(plain) as client:
+            client.ping()  # the plaintext port is closed: nothing reaches Redis unencrypted
+        server_log = (tmp_path / "server.log").read_text()
+        assert url.split("@")[0].split(":")[-1] not in server_log  # the password is not logged
