@@ -127,6 +127,8 @@ def test_a_missing_or_unknown_key_is_unauthenticated(secure: Deployment) -> None
             stub.Submit(request, timeout=10, metadata=forged)
     assert failure.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert "epk_" not in (failure.value.details() or "")  # the key is never echoed
+    refused = [e for e in audit_events(secure) if e["action"] == "authenticate"]
+    assert any(e["outcome"] == "UNAUTHENTICATED" and e["method"] == "Submit" for e in refused)
 
 
 def test_a_call_outside_the_keys_rights_is_permission_denied(secure: Deployment) -> None:
@@ -136,6 +138,11 @@ def test_a_call_outside_the_keys_rights_is_permission_denied(secure: Deployment)
         assert code_of(submit) is grpc.StatusCode.PERMISSION_DENIED
         cancel = lambda: stub.CancelJob(pb.CancelJobRequest(id="0" * 32), timeout=10)  # noqa: E731
         assert code_of(cancel) is grpc.StatusCode.PERMISSION_DENIED
+    denied = [e for e in audit_events(secure) if e["outcome"] == "PERMISSION_DENIED"]
+    assert {(e["caller"], e["method"]) for e in denied} >= {
+        ("reader", "Submit"),
+        ("reader", "CancelJob"),
+    }
 
 
 def test_a_caller_sees_only_its_own_jobs(secure: Deployment) -> None:

@@ -27,6 +27,7 @@ from opentelemetry import trace
 from epicrisis.observability import metrics
 from epicrisis.observability.logs import REQUEST_ID
 from epicrisis.observability.tracing import parent, tracer
+from epicrisis.serving.audit import Auditor
 from epicrisis.serving.auth import (
     ANONYMOUS_CALLER,
     CALLER,
@@ -39,8 +40,9 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")  # anything else is replaced,
 
 
 class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, keys: ApiKeys | None) -> None:
+    def __init__(self, keys: ApiKeys | None, auditor: Auditor) -> None:
         self._keys = keys  # None: anonymous callers allowed (EPICRISIS_ALLOW_ANONYMOUS)
+        self._auditor = auditor  # refused callers are audited here: the service never sees them
 
     async def intercept_service(
         self,
@@ -105,12 +107,18 @@ class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         key = presented_key(_metadata(context))
         caller = None if key is None else self._keys.authenticate(key)
         if caller is None:
+            self._auditor.event(
+                "authenticate", caller="unknown", method=method, outcome="UNAUTHENTICATED"
+            )
             await context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "a valid API key is required (authorization: Bearer <key>)",
             )
         assert caller is not None  # abort raises
         if not caller.may(method):
+            self._auditor.event(
+                "authenticate", caller=caller.id, method=method, outcome="PERMISSION_DENIED"
+            )
             await context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"caller {caller.id} may not call {method} (rights: {','.join(sorted(caller.rights))})",

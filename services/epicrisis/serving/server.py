@@ -52,7 +52,7 @@ def create_server(
     authenticated by ``keys`` (None: anonymous)."""
     size = max_bundle_bytes + MESSAGE_OVERHEAD
     server = grpc.aio.server(
-        interceptors=[ObservedCalls(keys)],
+        interceptors=[ObservedCalls(keys, servicer.auditor)],
         options=[
             ("grpc.max_receive_message_length", size),
             ("grpc.max_send_message_length", size),

@@ -33,6 +33,7 @@ from epicrisis.serving.jobs import (
     QueueFull,
     fingerprint,
 )
+from epicrisis.serving.requests import validate_job_id, validate_submit
 from epicrisis.serving.status import grpc_status_name, status_for
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
@@ -132,7 +133,7 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
     def __init__(self, store: JobStore, worker: Worker, auditor: Auditor) -> None:
         self._store = store
         self._worker = worker
-        self._auditor = auditor
+        self.auditor = auditor
         self._validating = asyncio.Semaphore(VALIDATIONS_AT_ONCE)
 
     @_unary
@@ -192,6 +193,7 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
 
     async def _owned(self, job_id: str) -> JobRecord:
         """The caller's own job; another caller's is as unknown as a job that never was."""
+        validate_job_id(job_id)  # an id no job can have (too long) is refused before a lookup
         record = await self._store.get(job_id)
         if record.owner != current_caller().id:
             raise JobNotFound("no such job (it may have expired)")
@@ -215,7 +217,7 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
             outcome = grpc_status_name(status_for(exc))
             raise
         finally:
-            self._auditor.event(
+            self.auditor.event(
                 action,
                 caller=caller,
                 method=method,
@@ -226,6 +228,7 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
 
     async def _accept(self, request: pb.SubmitRequest, event: _Event) -> JobRecord:
         """Validate the Bundle (bad input fails the RPC), then create and queue the job."""
+        validate_submit(request)  # the fields beside the Bundle: lengths, key charset, tokens
         options = request.options
         encounter_id = request.encounter_id if request.HasField("encounter_id") else None
         async with self._validating:
