@@ -22,6 +22,12 @@ class Limits(BaseSettings):
     # orjson refuses JSON nested deeper than 1024 levels anywhere in the document; inside an
     # entry that the summary reads we allow far less, since no FHIR resource needs it.
     max_resource_depth: int = Field(64, gt=2)
+    # The gRPC request beside the Bundle (serving/requests.py): bounded, so no field of a
+    # request can carry megabytes into job records, Redis keys or logs.
+    max_encounter_id_chars: int = Field(1024, gt=0)  # an id, Encounter/id or a fullUrl
+    max_idempotency_key_chars: int = Field(256, gt=0)  # visible ASCII
+    max_job_id_chars: int = Field(128, gt=0)  # server ids are 32 hex digits
+    max_output_tokens: int = Field(4096, gt=0)  # SummaryOptions.max_output_tokens
 
 
 class Settings(BaseSettings):

@@ -27,7 +27,8 @@ def status_for(exc: BaseException) -> grpc.Status:
     """The status to answer ``exc`` with."""
     if isinstance(exc, InputError):
         violation = error_details_pb2.BadRequest.FieldViolation(
-            field=f"bundle.{exc.location.path}" if exc.location.path else "bundle",
+            field=getattr(exc, "field", None)  # serving.requests: a field beside the Bundle
+            or (f"bundle.{exc.location.path}" if exc.location.path else "bundle"),
             description=str(exc),
         )
         detail = any_pb2.Any()
