@@ -54,6 +54,7 @@ NOTE_CLOSE = ">>>END NOTE"
 NOTE_MAX_CHARS = 2_000
 TOP_NOTES = 2  # the best two notes (by _note_preference) rank with the section summaries
 CONCLUSION_MAX_CHARS = 600
+LABEL_MAX_CHARS = 300  # a code's display, a dosage, a value: the corpus's longest is under 200
 
 # Section key -> heading, in output order.
 SECTIONS: tuple[tuple[str, str], ...] = (
@@ -165,16 +166,22 @@ QUOTE_OPEN, QUOTE_CLOSE = "\u00ab", "\u00bb"  # « »: free text quoted inline, 
 def quoted(text: str) -> str:
     """Free text on one line (a report conclusion), quoted so it reads as data; quote marks
     inside it are replaced, so it can never close its own quote."""
-    inner = clean(text).replace(QUOTE_OPEN, '"').replace(QUOTE_CLOSE, '"')
+    inner = clean(text, None).replace(QUOTE_OPEN, '"').replace(QUOTE_CLOSE, '"')
     return f"{QUOTE_OPEN}{inner}{QUOTE_CLOSE}"
 
 
-def clean(text: str | None) -> str:
-    """A label fit for one line: single-spaced, no control characters, no fence markers."""
+def clean(text: str | None, limit: int | None = LABEL_MAX_CHARS) -> str:
+    """A label fit for one line: single-spaced, no control characters, no fence markers, and
+    at most ``limit`` characters (cut at a word, marked), so no one label of a hostile or
+    broken Bundle can crowd the safety set out of the token budget."""
     if not text:
         return ""
     text = _CONTROL.sub(" ", text.replace("\r", " ").replace("\n", " "))
-    return neutralize(_SPACES.sub(" ", text)).strip()
+    text = neutralize(_SPACES.sub(" ", text)).strip()
+    if limit is not None and len(text) > limit:
+        cut = text.rfind(" ", 0, limit + 1)
+        text = text[: cut if cut > limit // 2 else limit].rstrip() + " [truncated]"
+    return text
 
 
 def clean_block(text: str) -> str:
@@ -626,7 +633,7 @@ class _Builder:
                 f"{self.when(report.when)} {clean(report.concept.label)} ({clean(report.status)})"
             )
             if report.conclusion:
-                conclusion = clean(report.conclusion)
+                conclusion = clean(report.conclusion, None)
                 if len(conclusion) > CONCLUSION_MAX_CHARS:
                     conclusion = conclusion[:CONCLUSION_MAX_CHARS].rstrip() + " [truncated]"
                 conclusion = quoted(conclusion)

@@ -12,6 +12,8 @@ from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Literal
 
 Precision = Literal["year", "month", "day", "second"]
+END_OF_TIME = datetime.max.replace(tzinfo=UTC)
+"""Where a span that would end past year 9999 ends instead."""
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -26,15 +28,16 @@ class When:
         """The exclusive end of the span the value names: a day ends at the next midnight."""
         if self.precision == "second":
             return self.at
-        if self.precision == "day":
-            step = self.at + timedelta(days=1)
-        elif self.precision == "month":
-            step = self.at.replace(
-                year=self.at.year + self.at.month // 12, month=self.at.month % 12 + 1
-            )
-        else:
-            step = self.at.replace(year=self.at.year + 1)
-        return step
+        try:
+            if self.precision == "day":
+                return self.at + timedelta(days=1)
+            if self.precision == "month":
+                return self.at.replace(
+                    year=self.at.year + self.at.month // 12, month=self.at.month % 12 + 1
+                )
+            return self.at.replace(year=self.at.year + 1)
+        except (OverflowError, ValueError):  # the span of 9999-12-31 ends past year 9999
+            return END_OF_TIME
 
     def iso(self, tz: tzinfo | None = None) -> str:
         """ISO 8601 at the source precision; full times in ``tz`` when given."""
