@@ -13,7 +13,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -102,6 +102,7 @@ class Deployment:
     worker_log: Path
     workers: list[subprocess.Popen[str]]
     security: Security | None = None  # None: plaintext, anonymous callers
+    servers: list[subprocess.Popen[str]] = field(default_factory=list)  # `epicrisis serve`
 
     def channel(self, caller: str | None = "ehr") -> grpc.Channel:
         """A channel to the server: over mutual TLS as ``caller`` (None: no key) when the
@@ -127,13 +128,17 @@ class Deployment:
             )
             return job
 
-    def start_worker(self, *args: str) -> subprocess.Popen[str]:
+    def start_worker(self, *args: str, wait: bool = True) -> subprocess.Popen[str]:
+        """One more ``epicrisis worker``, logging to :attr:`worker_log`; with ``wait``, once
+        it is ready (every worker started so far must have said so)."""
         with self.worker_log.open("a") as sink:
             worker = subprocess.Popen(
                 [str(EPICRISIS), "worker", *args],
                 env=self.env, stdout=sink, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
         self.workers.append(worker)
+        if not wait:
+            return worker
         deadline = time.monotonic() + WAIT_SECONDS
         while self.worker_log.read_text(errors="replace").count(" ready.") < len(self.workers):
             assert worker.poll() is None and time.monotonic() < deadline, self.log_tail()
@@ -191,11 +196,20 @@ def _start_sim(stack: contextlib.ExitStack, logs: Path, *args: str) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def _start_server(stack: contextlib.ExitStack, logs: Path, env: dict[str, str], *args: str) -> str:
-    """``epicrisis serve`` with ``args``; its address. Stopped by ``stack``, exiting 0."""
+def _start_server(
+    stack: contextlib.ExitStack,
+    logs: Path,
+    env: dict[str, str],
+    *args: str,
+    processes: list[subprocess.Popen[str]] | None = None,
+) -> str:
+    """``epicrisis serve`` with ``args``; its address. Stopped by ``stack``, exiting 0
+    (a test may stop it first: it must still have exited 0). ``processes`` gets its process."""
     log = logs / "server.log"
     argv = [str(EPICRISIS), "serve", *args]
     server, port = launch(argv, env, log, r"serving gRPC on 127\.0\.0\.1:(\d+)")
+    if processes is not None:
+        processes.append(server)
 
     def stop_cleanly() -> None:
         assert stop(server) == 0, f"the server did not exit 0:\n{log.read_text()[-3000:]}"
@@ -259,7 +273,7 @@ def deployed(
         stack.callback(stop_workers)
         for _ in range(workers):
             deployment.start_worker(*worker_args)
-        deployment.target = _start_server(stack, tmp, settings)
+        deployment.target = _start_server(stack, tmp, settings, processes=deployment.servers)
         yield deployment
 
 

@@ -16,7 +16,18 @@ Delivery: ``acks_late`` and ``reject_on_worker_lost``, so a job whose worker die
 delivered again; it is idempotent, since a job already final is skipped, and a delivery
 counter fails a job that keeps killing its workers. ``visibility_timeout`` exceeds the
 longest a message can stay unacknowledged (time limit + the longest retry countdown), so
-Redis never hands a running job to a second worker.
+Redis never hands a running job to a second worker; the workers sweep for messages of dead
+workers every few seconds (kombu's default sweep is every 100 s). Exactly one delivery
+writes a job's result: the store never changes a final record, and only the delivery whose
+transition it applied reports ``succeeded`` (or ``failed``).
+
+Redis away (a restart): a delivery waits for the job store for up to
+``STORE_RETRY_SECONDS`` at each step, then puts its message back (``Reject(requeue)``)
+instead of failing, so no job is lost or left RUNNING with an acknowledged message.
+
+Cancellation: while a job runs, a watch on its record stops the pipeline as soon as the
+job turns final elsewhere (CancelJob, a Summarize deadline): the model request is closed,
+and the model server (TGI, the simulator) drops a sequence whose client has gone.
 
 One loop per process: ``epicrisis worker`` runs Celery's threads pool, and every thread hands
 its job to the process's single event loop (:class:`_JobLoop`), where all jobs share one
@@ -42,8 +53,10 @@ from typing import Any, Final, Literal, TypeVar
 
 from celery import Celery
 from celery.concurrency import get_implementation
+from celery.exceptions import Reject
 from celery.signals import setup_logging, worker_init, worker_ready, worker_shutdown
 from kombu.entity import Exchange, Queue
+from redis.exceptions import RedisError
 
 from epicrisis import __version__
 from epicrisis.config import Settings, get_settings
@@ -59,7 +72,7 @@ from epicrisis.serving.embedded import job_failure
 from epicrisis.serving.jobs import (
     JobFailure,
     JobNotFound,
-    JobState,
+    JobRecord,
     failed,
     started,
     succeeded,
@@ -80,17 +93,39 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
 EXTRA_DELIVERIES = 2  # deliveries beyond the retries: worker losses a job may survive
 CAPACITY_WAIT_SECONDS = 15.0  # reading /info at worker start, before assuming defaults
 ONE_PROCESS_POOLS = ("thread", "solo")  # Celery pools whose jobs share this process's loop
+VISIBILITY_MARGIN_SECONDS = 120  # at most; never more than the job's own time limit
+RESTORE_SWEEP_SECONDS = 10  # at most: how often a worker looks for dead workers' messages
+RESTORE_MUTEX_SECONDS = 30  # a sweep takes milliseconds; one killed mid-sweep blocks no longer
+STORE_RETRY_SECONDS = 30.0  # a delivery waits this long for Redis, then requeues its message
+STOP_RETRY_SECONDS = 0.5  # how often a task that ignored its cancellation is cancelled again
+REWATCH_SECONDS = 1.0  # after a cancellation watch lost Redis
 T = TypeVar("T")
 
 
 def visibility_timeout(settings: Settings) -> int:
     """Longer than a message may stay unacknowledged: a run (bounded by the pipeline's own
-    timeout, which records FAILED), or a retry's countdown, with a margin."""
-    return int(settings.job_timeout_seconds + settings.job_retry_backoff_max_seconds + 120)
+    timeout, which records FAILED), or a retry's countdown, with a margin for the store
+    commands around the pipeline (the job's time limit or 120 s, whichever is shorter).
+
+    A worker that dies leaves its messages unacknowledged this long: they are then
+    delivered again (at the next sweep, :func:`restore_sweep_seconds`)."""
+    margin = min(VISIBILITY_MARGIN_SECONDS, settings.job_timeout_seconds)
+    return int(settings.job_timeout_seconds + settings.job_retry_backoff_max_seconds + margin)
+
+
+def restore_sweep_seconds(settings: Settings) -> int:
+    """How often each worker moves messages unacknowledged past the visibility timeout
+    (their worker died) back to their queue: a tenth of the timeout, at most 10 s."""
+    return max(1, min(RESTORE_SWEEP_SECONDS, visibility_timeout(settings) // 10))
 
 
 class RetryLater(Exception):
     """A retryable backend failure; Celery retries the task with backoff (carries no PHI)."""
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer for ``STORE_RETRY_SECONDS``: the delivery's message goes back to
+    its queue (or, if Redis cannot take even that, is restored after the visibility timeout)."""
 
 
 class _JobLoop:
@@ -204,44 +239,70 @@ class JobRunner:
         self, store: RedisJobStore, job_id: str, retries: int, max_retries: int
     ) -> str:
         try:
-            record = await store.get(job_id)
+            record = await _stored(lambda: store.get(job_id))
             if record.final:
                 return "skipped"  # a redelivery of a finished or cancelled job
-            if await store.count_run(job_id) > max_retries + 1 + EXTRA_DELIVERIES:
+            runs = await _stored(lambda: store.count_run(job_id))
+            if runs > max_retries + 1 + EXTRA_DELIVERIES:
                 failure = JobFailure("worker-lost", "the job stopped its workers repeatedly", True)
                 return await _fail(store, job_id, failure)
-            record = await store.update(job_id, started)
+            record = await _stored(lambda: store.update(job_id, started))
             if record.final:
                 return "skipped"  # cancelled meanwhile
         except JobNotFound:
             log.warning("job %s expired before it ran", job_id)
             return "expired"
         try:
-            summary, document = await asyncio.wait_for(
-                self._pipeline(store, job_id), self.settings.job_timeout_seconds
-            )
+            outcome = await self._unless_ended(store, job_id)
         except JobNotFound:
             log.warning("job %s expired before it ran", job_id)
             return "expired"
         except TimeoutError:
             failure = JobFailure("deadline-exceeded", "the job ran past its time limit", True)
             return await _fail(store, job_id, failure)
+        except StoreUnavailable:
+            raise
         except EpicrisisError as exc:
             if _retry_allowed(exc, retries, max_retries):
                 metrics.JOB_RETRIES.labels(retry_reason(exc)).inc()
-                await store.update(job_id, lambda r: replace(r, stage="waiting to retry"))
+                await _stored(
+                    lambda: store.update(job_id, lambda r: replace(r, stage="waiting to retry"))
+                )
                 raise RetryLater(f"retryable {type(exc).__name__}") from None
             return await _fail(store, job_id, job_failure(exc))
         except Exception as exc:  # a bug: record it without input content, keep serving
             log.error("job %s failed with an internal error (%s)", job_id, type(exc).__name__)
             failure = JobFailure("internal", "internal error; please report it", True)
             return await _fail(store, job_id, failure)
-        final = await store.update(job_id, succeeded(summary, document))
-        return final.state.value if final.state is JobState.SUCCEEDED else "skipped"
+        if outcome is None:
+            return "stopped"  # final elsewhere while it ran (cancelled): its generation dropped
+        written = await _transition(store, job_id, succeeded(*outcome))
+        return "succeeded" if written else "skipped"
+
+    async def _unless_ended(
+        self, store: RedisJobStore, job_id: str
+    ) -> tuple[DischargeSummary, str] | None:
+        """The pipeline within the job's time limit, stopped (None) as soon as the job turns
+        final elsewhere (CancelJob, a Summarize deadline): cancelling it closes the model
+        request, and TGI drops a sequence whose client has gone, freeing its slot."""
+        work = asyncio.ensure_future(
+            asyncio.wait_for(self._pipeline(store, job_id), self.settings.job_timeout_seconds)
+        )
+        ended = asyncio.ensure_future(_until_final(store, job_id))
+        try:
+            await asyncio.wait({work, ended}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (ended, work):
+                task.cancel()  # both asked now, even if this delivery is itself cancelled
+            await _stop(ended)
+            await _stop(work)
+        if work.cancelled():
+            return None
+        return work.result()  # the pipeline's answer, or its exception
 
     async def _pipeline(self, store: RedisJobStore, job_id: str) -> tuple[DischargeSummary, str]:
         """The stay the server validated, to summary and document (no second parse)."""
-        stay, options = await store.take_payload(job_id)
+        stay, options = await _stored(lambda: store.take_payload(job_id))
         with job_span(job_id, options.trace_context):
             summary = await self.summarizer(stay, options)
             document = await asyncio.to_thread(render_fhir, summary, version=__version__)
@@ -293,8 +354,72 @@ class JobRunner:
 
 
 async def _fail(store: RedisJobStore, job_id: str, failure: JobFailure) -> str:
-    record = await store.update(job_id, failed(failure))
-    return "failed" if record.state is JobState.FAILED else "skipped"
+    return "failed" if await _transition(store, job_id, failed(failure)) else "skipped"
+
+
+async def _transition(
+    store: RedisJobStore, job_id: str, change: Callable[[JobRecord], JobRecord]
+) -> bool:
+    """Apply a final ``change``; whether this call made it (False: the job was final
+    already, by a cancellation or another delivery). So each job reports its result once."""
+    made: list[JobRecord] = []
+
+    def apply(record: JobRecord) -> JobRecord:
+        made.append(change(record))  # called again when the record changed under us
+        return made[-1]
+
+    record = await _stored(lambda: store.update(job_id, apply))
+    return bool(made) and record is made[-1]
+
+
+async def _stored(command: Callable[[], Awaitable[T]]) -> T:
+    """A job store command, repeated while Redis does not answer (a restart, a failover)
+    for up to ``STORE_RETRY_SECONDS``; then :class:`StoreUnavailable`. The commands are
+    safe to repeat: reads, a delivery counter, and updates that never change a final job."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + STORE_RETRY_SECONDS
+    pause = 0.1
+    while True:
+        try:
+            return await command()
+        except RedisError as exc:
+            if loop.time() + pause > deadline:
+                raise StoreUnavailable(
+                    f"the job store did not answer ({type(exc).__name__})"
+                ) from None
+            log.warning("the job store did not answer (%s); trying again", type(exc).__name__)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 2.0)
+
+
+async def _until_final(store: RedisJobStore, job_id: str) -> None:
+    """Returns once the job is final (or gone). A watch that loses Redis is opened again:
+    the job runs on meanwhile, since a lost watch must not stop work."""
+    while True:
+        try:
+            async for record in store.watch(job_id):
+                if record.final:
+                    return
+        except JobNotFound:
+            return
+        except (RedisError, OSError) as exc:
+            log.warning("job %s: cancellation watch lost (%s)", job_id, type(exc).__name__)
+        await asyncio.sleep(REWATCH_SECONDS)
+
+
+async def _stop(task: asyncio.Future[Any]) -> None:
+    """Cancel ``task`` and wait until it has ended.
+
+    Cancelled again until it ends: on Python 3.11, ``asyncio.wait_for`` loses a
+    cancellation that arrives just as the awaitable it wraps completes (CPython
+    gh-86296, fixed in 3.12), and the job store's watch waits with it. Cancelled once, such
+    a watch of a job that this very delivery was to finish went on watching, and the
+    delivery waited for it for ever (the hang of the first attempt at this, 5f067be)."""
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=STOP_RETRY_SECONDS)
+    if not task.cancelled():
+        task.exception()  # retrieved: the caller reads the result it needs
 
 
 def retry_reason(exc: EpicrisisError) -> str:
@@ -330,6 +455,12 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> Any:
         broker_transport_options={
             "visibility_timeout": visibility_timeout(settings),
             "queue_order_strategy": "priority",
+            # Messages of a dead worker: swept every few seconds, each sweep a scan
+            # (kombu scans only every tenth 10 s tick by default: 100 s), under a mutex
+            # that a worker killed mid-sweep holds for seconds, not kombu's 5 minutes.
+            "unacked_restore_interval": restore_sweep_seconds(settings),
+            "unacked_restore_throttle": 1,
+            "unacked_mutex_expire": RESTORE_MUTEX_SECONDS,
         },
         broker_connection_retry_on_startup=True,
         result_expires=int(settings.job_ttl_seconds),
@@ -338,7 +469,13 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> Any:
     app.epicrisis_runner = job_runner
 
     def run_job(task: Any, job_id: str) -> str:
-        return job_runner.run(job_id, retries=task.request.retries, max_retries=task.max_retries)
+        try:
+            return job_runner.run(
+                job_id, retries=task.request.retries, max_retries=task.max_retries
+            )
+        except StoreUnavailable:
+            log.warning("job %s: the job store is away; its message goes back to the queue", job_id)
+            raise Reject("the job store did not answer", requeue=True) from None
 
     app.task(
         name=TASK_NAME,
