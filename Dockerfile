@@ -65,8 +65,10 @@ COPY --from=builder /opt/venv /opt/venv
 USER 10001:10001
 WORKDIR /tmp
 
-# 50051: gRPC (epicrisis serve); 9464: Prometheus /metrics (serve and worker).
-EXPOSE 50051 9464
+# 50051: gRPC (epicrisis serve), TLS and API keys; 50052: the gRPC health status alone, in
+# plaintext, when EPICRISIS_HEALTH_PORT=50052 (as docker-compose.yml and deploy/k8s set it,
+# for their health checks); 9464: Prometheus /metrics (serve and worker).
+EXPOSE 50051 50052 9464
 
 # No HEALTHCHECK here: the image runs three different roles. docker-compose.yml and the
 # Kubernetes manifests give each role its own check (gRPC health for the server).

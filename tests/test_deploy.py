@@ -11,7 +11,10 @@ checks that catch regressions: the security context and resources of every conta
 probes, GPUs and model arguments, where the workers' model URLs lead, NetworkPolicy peers,
 disruption budgets, monitors, the alert rules and the dashboard, the autoscalers, every
 environment variable against ``epicrisis.config.Settings``, every Secret reference against
-``deploy/k8s/secrets``.
+``deploy/k8s/secrets``. The server is secure by default, and the manifests must say how: TLS
+and API keys from mounted Secrets, its readiness probed on the plaintext health port, never
+plaintext or anonymous callers; the server's settings, with throwaway certificates and keys in
+place of the mounted files, give the TLS credentials and API keys it starts with.
 
 Compose: ``docker-compose.yml`` alone and merged with ``docker-compose.sim.yml`` validate
 against the Compose Specification's JSON schema (``deploy/schemas/compose-spec.json``).
@@ -35,22 +38,29 @@ import re
 import shutil
 import subprocess
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import grpc
 import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from tests.certs import Authority, Issued
 from tests.tools import tool
 
 from epicrisis.config import Limits, Settings
+from epicrisis.serving.auth import ApiKeys, new_key
+from epicrisis.serving.crypto import Sealer, new_key_text
+from epicrisis.serving.server import api_keys, server_credentials
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "deploy" / "k8s"
 SCHEMAS = ROOT / "deploy" / "schemas"
-OVERLAYS = ("med42-70b", "med42-8b", "vllm", "keda", "hpa")
+OVERLAYS = ("med42-70b", "med42-8b", "vllm", "keda", "hpa", "mtls")
+MTLS_OVERLAYS = {"mtls"}  # clients present certificates too (components/mtls, secrets/mtls)
 K8S_VERSION = "1.30"  # the oldest Kubernetes the manifests promise (preStop sleep, grpc probes)
 K8S_VERSIONS = (K8S_VERSION, kubernetes_validate.latest_version())  # and the newest known
 NAMESPACE = "epicrisis"
@@ -419,21 +429,30 @@ def test_every_workload_has_a_disruption_budget(overlay: str) -> None:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_server_has_grpc_probes_on_50051(overlay: str) -> None:
+def test_server_serves_50051_and_is_probed_on_its_health_port(overlay: str) -> None:
     objects = render(overlay)
     server = one(objects, "Deployment", "epicrisis-server")
     c = container(server, "server")
     assert c["args"] == ["serve"]
     assert {"name": "grpc", "containerPort": 50051, "protocol": "TCP"} in c["ports"]
+    # the health status alone, in plaintext: the kubelet's gRPC probe has no TLS, no key
+    health_port = int(env_of(objects, c)["EPICRISIS_HEALTH_PORT"] or 0)
+    assert health_port and health_port != 50051
+    assert {"name": "health", "containerPort": health_port, "protocol": "TCP"} in c["ports"]
     # readiness: the standard gRPC health check (SERVING only with Redis and a model)
-    assert c["readinessProbe"]["grpc"] == {"port": 50051}
+    assert c["readinessProbe"]["grpc"] == {"port": health_port}
     # liveness: the port answers; not the health status, which a restart cannot fix
     assert c["livenessProbe"]["tcpSocket"]["port"] == 50051
     assert c["startupProbe"]["tcpSocket"]["port"] == 50051
+    for kind in ("readinessProbe", "livenessProbe", "startupProbe"):  # 50051 needs TLS
+        assert c[kind].get("grpc", {"port": health_port})["port"] == health_port, kind
     assert pod_spec(server)["terminationGracePeriodSeconds"] >= 10 + 5  # drain + preStop
     service = one(objects, "Service", "epicrisis")
     grpc_port = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
     assert grpc_port and grpc_port[0]["port"] == 50051
+    assert grpc_port[0].get("appProtocol") != "kubernetes.io/h2c", "the port speaks TLS"
+    for port in service["spec"]["ports"]:  # the plaintext health port stays off the Service
+        assert port["targetPort"] not in ("health", health_port) and port["port"] != health_port
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
@@ -623,45 +642,101 @@ def test_configuration_is_accepted_by_settings(
     assert settings.grpc_port == 50051
     assert settings.metrics_port == 9464 and settings.log_format == "json"
     assert settings.llm_urls and settings.encryption_key_file is not None
-    server = one(objects, "Deployment", "epicrisis-server")
-    mounts = {m["mountPath"] for m in container(server, "server")["volumeMounts"]}
-    assert str(settings.encryption_key_file.parent) in mounts
-    volume = [v for v in pod_spec(server)["volumes"] if v.get("secret")]
-    assert volume[0]["secret"]["items"][0]["path"] == settings.encryption_key_file.name
+    for w, name in (
+        (one(objects, "Deployment", "epicrisis-server"), "server"),
+        (worker(objects), "worker"),
+    ):
+        key_file = str(settings.encryption_key_file)
+        assert _mounted_secret(w, container(w, name), key_file) == (
+            "epicrisis-encryption-key",
+            "key",
+        )
 
 
-def _example_secrets_rendered(tmp: Path) -> list[dict[str, Any]]:
-    """deploy/k8s/secrets rendered in a copy whose *.example files stand in for the real ones."""
+def _mounted_secret(workload: dict[str, Any], c: dict[str, Any], path: str) -> tuple[str, str]:
+    """The (Secret, key) whose file ``path`` is in container ``c``, mounted read-only."""
+    folder, _, filename = path.rpartition("/")
+    mounts = [m for m in c.get("volumeMounts", []) if m["mountPath"].rstrip("/") == folder]
+    assert len(mounts) == 1, f"{c['name']}: {folder} is not a mount"
+    assert mounts[0].get("readOnly") is True and "subPath" not in mounts[0], path
+    (volume,) = [v for v in pod_spec(workload)["volumes"] if v["name"] == mounts[0]["name"]]
+    assert "secret" in volume, f"{path}: volume {volume['name']} is not a Secret"
+    items = [i for i in volume["secret"]["items"] if i["path"] == filename]
+    assert len(items) == 1, f"{path}: no item {filename} in volume {volume['name']}"
+    return volume["secret"]["secretName"], items[0]["key"]
+
+
+SECRET_DIRS = ("", "mtls")  # deploy/k8s/secrets, and deploy/k8s/secrets/mtls for mutual TLS
+
+
+def _secret_dirs(overlay: str | None = None) -> tuple[str, ...]:
+    """The secrets kustomizations that an overlay needs applied (all: None)."""
+    return SECRET_DIRS if overlay is None or overlay in MTLS_OVERLAYS else ("",)
+
+
+def _example_secrets_rendered(tmp: Path, overlay: str | None = None) -> list[dict[str, Any]]:
+    """deploy/k8s/secrets (and ./mtls where the overlay needs it) rendered in a copy whose
+    *.example files stand in for the real ones."""
     copy_dir = tmp / "secrets"
-    shutil.copytree(K8S / "secrets", copy_dir)
-    for example in copy_dir.glob("*.example"):
-        example.rename(example.with_suffix(""))
-    return _kustomize(copy_dir)
+    if not copy_dir.exists():
+        shutil.copytree(K8S / "secrets", copy_dir)
+        for example in copy_dir.rglob("*.example"):
+            example.rename(example.with_suffix(""))
+    return [o for sub in _secret_dirs(overlay) for o in _kustomize(copy_dir / sub)]
+
+
+def _provided_secrets(tmp: Path, overlay: str | None = None) -> set[tuple[str, str]]:
+    return {
+        (o["metadata"]["name"], key)
+        for o in _example_secrets_rendered(tmp, overlay)
+        for key in o.get("data", {})
+    }
+
+
+def _secret_generators() -> Iterator[tuple[Path, dict[str, Any]]]:
+    """Every secretGenerator entry of deploy/k8s/secrets and its subfolders, with its folder."""
+    for sub in SECRET_DIRS:
+        folder = K8S / "secrets" / sub
+        kustomization = yaml.safe_load((folder / "kustomization.yaml").read_text())
+        for generator in kustomization["secretGenerator"]:
+            yield folder, generator
 
 
 def _secret_values() -> dict[str, dict[str, str]]:
     """The example Secrets of deploy/k8s/secrets: name -> key -> value (fake values)."""
-    files = {path.stem: path.read_text() for path in (K8S / "secrets").glob("*.example")}
-    kustomization = yaml.safe_load((K8S / "secrets" / "kustomization.yaml").read_text())
     values: dict[str, dict[str, str]] = {}
-    for generator in kustomization["secretGenerator"]:
-        data = {}
+    for folder, generator in _secret_generators():
+        data = values.setdefault(generator["name"], {})
         for entry in generator["files"]:
             key, _, filename = entry.partition("=")
-            data[key] = files[filename]
-        values[generator["name"]] = data
+            data[key] = (folder / f"{filename}.example").read_text()
     return values
 
 
 def test_example_secrets_render_and_are_fake(tmp_path: Path) -> None:
     rendered = _example_secrets_rendered(tmp_path)
     assert {o["kind"] for o in rendered} == {"Secret"}
+    names = [o["metadata"]["name"] for o in rendered]
+    assert len(names) == len(set(names))
     for o in rendered:
         kubernetes_validate.validate(o, K8S_VERSION, strict=True)
         assert o["metadata"]["namespace"] == NAMESPACE
-    for name, data in _secret_values().items():
+    assert one(rendered, "Secret", "epicrisis-grpc-tls")["type"] == "kubernetes.io/tls"
+    values = _secret_values()
+    for name, data in values.items():
         for key, value in data.items():
             assert "FAKE" in value, f"{name}.{key}: the example must be an obviously fake value"
+    for name, key in (
+        ("epicrisis-grpc-tls", "tls.crt"),
+        ("epicrisis-grpc-tls", "tls.key"),
+        ("epicrisis-grpc-client-ca", "ca.crt"),
+    ):
+        assert "-----BEGIN " in values[name][key], f"{name}.{key}: shows the PEM format"
+    # the keys file example is in the format the server reads, and admits no key
+    example = tmp_path / "api-keys"
+    example.write_text(values["epicrisis-api-keys"]["api-keys"])
+    keys = ApiKeys.from_file(example)
+    assert keys.authenticate(new_key("anyone")[0]) is None
     tracked = subprocess.run(
         ["git", "ls-files", str(K8S / "secrets")],
         cwd=ROOT,
@@ -672,8 +747,15 @@ def test_example_secrets_render_and_are_fake(tmp_path: Path) -> None:
     for path in tracked:
         assert path.endswith((".example", "kustomization.yaml", "README.md")), f"{path} is tracked"
     ignored = (ROOT / ".gitignore").read_text().split()
-    for name in ("encryption-key", "redis-password", "redis-url", "hf-token"):
-        assert f"deploy/k8s/secrets/{name}" in ignored
+    real_files = [
+        (folder / entry.partition("=")[2]).relative_to(ROOT).as_posix()
+        for folder, generator in _secret_generators()
+        for entry in generator["files"]
+    ]
+    for name in ("encryption-key", "redis-password", "redis-url", "hf-token", "api-keys"):
+        assert f"deploy/k8s/secrets/{name}" in real_files
+    for path in real_files:  # every real file that a generator reads is git-ignored
+        assert path in ignored, f"{path} is not in .gitignore"
 
 
 def _secret_references(objects: list[dict[str, Any]]) -> Iterator[tuple[str, str]]:
@@ -696,11 +778,7 @@ def _secret_references(objects: list[dict[str, Any]]) -> Iterator[tuple[str, str
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_secret_references_exist_in_the_secrets_kustomization(overlay: str, tmp_path: Path) -> None:
-    provided = {
-        (o["metadata"]["name"], key)
-        for o in _example_secrets_rendered(tmp_path)
-        for key in o.get("data", {})
-    }
+    provided = _provided_secrets(tmp_path, overlay)
     referenced = set(_secret_references(render(overlay)))
     assert referenced
     assert referenced <= provided, f"missing from deploy/k8s/secrets: {referenced - provided}"
@@ -709,6 +787,147 @@ def test_secret_references_exist_in_the_secrets_kustomization(overlay: str, tmp_
     url = urlsplit(values["epicrisis-redis"]["url"])
     assert url.password == values["epicrisis-redis"]["password"]
     assert url.hostname == "redis" and url.port == 6379
+
+
+# Where the server finds its TLS certificate and key, the clients' CA (mutual TLS) and the
+# API keys: the setting, and the Secret and key that must be mounted there.
+SERVER_FILES = {
+    "EPICRISIS_GRPC_TLS_CERT_FILE": ("epicrisis-grpc-tls", "tls.crt"),
+    "EPICRISIS_GRPC_TLS_KEY_FILE": ("epicrisis-grpc-tls", "tls.key"),
+    "EPICRISIS_API_KEYS_FILE": ("epicrisis-api-keys", "api-keys"),
+    "EPICRISIS_GRPC_TLS_CLIENT_CA_FILE": ("epicrisis-grpc-client-ca", "ca.crt"),
+}
+INSECURE_SETTINGS = ("EPICRISIS_GRPC_ALLOW_PLAINTEXT", "EPICRISIS_ALLOW_ANONYMOUS")
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_server_gets_tls_and_api_keys_from_mounted_secrets(overlay: str, tmp_path: Path) -> None:
+    objects = render(overlay)
+    server = one(objects, "Deployment", "epicrisis-server")
+    c = container(server, "server")
+    env = env_of(objects, c)
+    provided = _provided_secrets(tmp_path, overlay)
+    expected = set(SERVER_FILES) - (
+        set() if overlay in MTLS_OVERLAYS else {"EPICRISIS_GRPC_TLS_CLIENT_CA_FILE"}
+    )
+    assert {name for name in SERVER_FILES if name in env} == expected
+    for name in expected:
+        path = env[name]
+        assert path and path.startswith("/"), f"{name}: {path}"
+        secret = _mounted_secret(server, c, path)
+        assert secret == SERVER_FILES[name], f"{name}: {path} holds {secret}"
+        assert secret in provided, f"{name}: {secret} is not made by deploy/k8s/secrets"
+    # the workers serve no gRPC: none of the server's TLS, keys or health settings
+    worker_env = env_of(objects, container(worker(objects), "worker"))
+    assert not {*SERVER_FILES, "EPICRISIS_HEALTH_PORT"} & set(worker_env)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_no_overlay_allows_plaintext_or_anonymous_callers(overlay: str) -> None:
+    """Production is secure: TLS and API keys, never the local-use escape hatches."""
+    objects = render(overlay)
+    for w in workloads(objects):
+        for c in filter(is_epicrisis, containers(w)):
+            env = env_of(objects, c)
+            for name in INSECURE_SETTINGS:
+                assert name not in env, f"{w['metadata']['name']}/{c['name']} sets {name}"
+    for config in find(objects, "ConfigMap"):
+        for name in INSECURE_SETTINGS:
+            assert name not in (config.get("data") or {}), config["metadata"]["name"]
+
+
+def _throwaway_secrets() -> tuple[dict[tuple[str, str], bytes], str, Authority, Issued]:
+    """Contents for every Secret key a server mounts: a CA-signed server certificate and its
+    key, the CA as the clients' CA, an encryption key, and a keys file admitting one key.
+    Returns them, that key, the CA and a client certificate it signed (for mutual TLS)."""
+    authority = Authority("epicrisis test CA")
+    server_cert = authority.issue("epicrisis.epicrisis.svc", server=True)
+    key, line = new_key("ehr-test", "submit,read")
+    files = {
+        ("epicrisis-grpc-tls", "tls.crt"): server_cert.cert,
+        ("epicrisis-grpc-tls", "tls.key"): server_cert.key,
+        ("epicrisis-grpc-client-ca", "ca.crt"): authority.pem,
+        ("epicrisis-api-keys", "api-keys"): f"{line}\n".encode(),
+        ("epicrisis-encryption-key", "key"): new_key_text().encode(),
+    }
+    return files, key, authority, authority.issue("ehr-test", server=False)
+
+
+def _tls_health_check(
+    credentials: grpc.ServerCredentials, authority: Authority, client: Issued, *, mutual: bool
+) -> None:
+    """A TLS handshake with a server that holds ``credentials``: health answers SERVING to a
+    client that trusts ``authority`` (and presents ``client`` when given)."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    servicer = health.HealthServicer()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    server = grpc.server(ThreadPoolExecutor(max_workers=2))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        for present in (True, False) if mutual else (False,):
+            channel_credentials = grpc.ssl_channel_credentials(
+                root_certificates=authority.pem,
+                private_key=client.key if present else None,
+                certificate_chain=client.cert if present else None,
+            )
+            with grpc.secure_channel(f"localhost:{port}", channel_credentials) as channel:
+                check = health_pb2_grpc.HealthStub(channel).Check
+                if present or not mutual:
+                    answer = check(health_pb2.HealthCheckRequest(), timeout=10)
+                    assert answer.status == health_pb2.HealthCheckResponse.SERVING
+                else:  # mutual TLS: no client certificate, no call
+                    with pytest.raises(grpc.RpcError):
+                        check(health_pb2.HealthCheckRequest(), timeout=10)
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_the_server_settings_of_the_manifests_start_a_secure_server(
+    overlay: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's environment, with throwaway files where its Secrets are mounted, gives
+    what ``epicrisis serve`` starts with: TLS credentials (mutual where the overlay says so),
+    the API keys, the encryption key, the health port of the readiness probe."""
+    objects = render(overlay)
+    server = one(objects, "Deployment", "epicrisis-server")
+    c = container(server, "server")
+    files, key, authority, client = _throwaway_secrets()
+    secret_values = _secret_values()
+    references = {
+        item["name"]: item["valueFrom"]["secretKeyRef"]
+        for item in c.get("env", [])
+        if "secretKeyRef" in item.get("valueFrom", {})
+    }
+    for name, value in env_of(objects, c).items():
+        if value is None:  # from a Secret: its example value
+            ref = references[name]
+            value = secret_values[ref["name"]][ref["key"]]
+        elif value.startswith("/var/run/secrets/"):  # a mounted Secret: a throwaway file
+            secret = _mounted_secret(server, c, value)
+            path = tmp_path / "mounted" / secret[0] / secret[1]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(files[secret])
+            value = str(path)
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    assert not settings.grpc_allow_plaintext and not settings.allow_anonymous
+    credentials = server_credentials(settings)
+    assert credentials is not None, "TLS"
+    mutual = overlay in MTLS_OVERLAYS
+    assert (settings.grpc_tls_client_ca_file is not None) is mutual
+    keys = api_keys(settings)
+    assert keys is not None, "API keys"
+    caller = keys.authenticate(key)
+    assert caller is not None and caller.id == "ehr-test" and caller.may("Submit")
+    assert keys.authenticate(new_key("stranger")[0]) is None
+    Sealer.from_settings(settings)  # the mounted encryption key opens
+    assert settings.health_port == c["readinessProbe"]["grpc"]["port"]
+    assert settings.grpc_port == 50051 and settings.grpc_host == "0.0.0.0"
+    _tls_health_check(credentials, authority, client, mutual=mutual)
 
 
 # ---------------------------------------------------------------------------------------
@@ -864,6 +1083,13 @@ def test_network_policies(overlay: str) -> None:
         {"ports": [{"protocol": "TCP", "port": 50051}]}
     ]
     assert [r["from"] for r in server_in if "from" in r] == [[PROMETHEUS_PEER]]
+    # Its plaintext health port is opened to no one: the kubelet probes from the pod's own
+    # node, which no NetworkPolicy blocks (as for the workers' /metrics liveness probe).
+    server_env = env_of(
+        objects, container(one(objects, "Deployment", "epicrisis-server"), "server")
+    )
+    health_port = int(server_env["EPICRISIS_HEALTH_PORT"] or 0)
+    assert not [r for r in server_in if {health_port, "health"} & _ports(r)]
     server_out = [r for r in _rules(objects, server_labels, "egress") if _ports(r) != {53}]
     assert [(_ports(r), r["to"]) for r in server_out] == [
         (
@@ -953,12 +1179,27 @@ def test_overlays_load_the_alert_rules_and_the_dashboard(overlay: str) -> None:
 
 COMPOSE = ROOT / "docker-compose.yml"
 COMPOSE_SIM = ROOT / "docker-compose.sim.yml"
-SECRET_VARS = {"EPICRISIS_ENCRYPTION_KEY", "REDIS_PASSWORD", "HF_TOKEN", "GRAFANA_ADMIN_PASSWORD"}
+# The server's TLS certificate, key and API keys: files on the host, as Compose secrets.
+COMPOSE_SECRET_FILES = {
+    "GRPC_TLS_CERT_FILE": "EPICRISIS_GRPC_TLS_CERT_FILE",
+    "GRPC_TLS_KEY_FILE": "EPICRISIS_GRPC_TLS_KEY_FILE",
+    "API_KEYS_FILE": "EPICRISIS_API_KEYS_FILE",
+}
+SECRET_VARS = {
+    "EPICRISIS_ENCRYPTION_KEY",
+    "REDIS_PASSWORD",
+    "HF_TOKEN",
+    "GRAFANA_ADMIN_PASSWORD",
+    *COMPOSE_SECRET_FILES,
+}
 COMPOSE_ENV = {
     "EPICRISIS_ENCRYPTION_KEY": "FAKE-key",
     "REDIS_PASSWORD": "FAKE-password",
     "HF_TOKEN": "hf_FAKE",
     "GRAFANA_ADMIN_PASSWORD": "FAKE-admin",
+    "GRPC_TLS_CERT_FILE": "./secrets/FAKE-grpc-tls.crt",
+    "GRPC_TLS_KEY_FILE": "./secrets/FAKE-grpc-tls.key",
+    "API_KEYS_FILE": "./secrets/FAKE-api-keys",
 }
 
 
@@ -1271,7 +1512,11 @@ def test_compose_healthchecks_check_the_right_things() -> None:
     assert server_check[:3] == ["CMD", "python", "-c"]
     code = server_check[3]
     compile(code, "<server healthcheck>", "exec")
-    assert "grpc_health.v1" in code and "127.0.0.1:50051" in code and "SERVING" in code
+    # the health port, in plaintext without a key (50051 needs TLS and a key for the API)
+    health_port = services["server"]["environment"]["EPICRISIS_HEALTH_PORT"]
+    assert health_port != "50051" and "50051" not in code
+    assert f"grpc.insecure_channel('127.0.0.1:{health_port}')" in code
+    assert "grpc_health.v1" in code and "SERVING" in code
     import grpc_health.v1.health_pb2_grpc  # noqa: F401  (the image has what the check imports)
 
     worker_check = services["worker"]["healthcheck"]["test"]
@@ -1303,6 +1548,58 @@ def test_compose_env_vars_are_settings(variant: str) -> None:
             if field.endswith("_host"):
                 assert environment.get(f"EPICRISIS_{field.upper()}") == "0.0.0.0", field
         assert environment["EPICRISIS_METRICS_PORT"] == "9464"
+
+
+@pytest.mark.parametrize("variant", ("base", "sim"))
+def test_compose_server_needs_tls_and_api_keys(variant: str) -> None:
+    """TLS and API keys from Compose secrets, in the simulator too; nothing insecure."""
+    document = compose_base() if variant == "base" else compose_sim()
+    server = document["services"]["server"]
+    environment = server["environment"]
+    targets = {}
+    for entry in server["secrets"]:
+        assert set(entry) == {"source", "target"}, entry
+        assert "/" not in entry["target"]
+        targets[f"/run/secrets/{entry['target']}"] = entry["source"]
+    for variable, setting in COMPOSE_SECRET_FILES.items():
+        source = targets[environment[setting]]  # the setting names a mounted secret...
+        assert document["secrets"][source] == {"file": COMPOSE_ENV[variable]}  # ...of the file
+    assert len(targets) == len(COMPOSE_SECRET_FILES)
+    for name, service in document["services"].items():
+        for setting in INSECURE_SETTINGS:
+            assert setting not in service.get("environment", {}), f"{name} sets {setting}"
+        for port in service.get("ports", []):  # published on this host only
+            assert str(port).startswith("127.0.0.1:"), f"{name}: {port}"
+        if name != "server":
+            assert not set(COMPOSE_SECRET_FILES.values()) & set(service.get("environment", {}))
+    published = [str(port).split(":")[-1] for port in server["ports"]]
+    assert published == ["50051"], "the plaintext health port is not published"
+    assert environment["EPICRISIS_HEALTH_PORT"] not in published
+
+
+def test_compose_server_settings_start_a_secure_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server's Compose environment, with throwaway files as its secrets: TLS and keys."""
+    server = compose_base()["services"]["server"]
+    files, key, authority, client = _throwaway_secrets()
+    contents = {
+        "EPICRISIS_GRPC_TLS_CERT_FILE": files[("epicrisis-grpc-tls", "tls.crt")],
+        "EPICRISIS_GRPC_TLS_KEY_FILE": files[("epicrisis-grpc-tls", "tls.key")],
+        "EPICRISIS_API_KEYS_FILE": files[("epicrisis-api-keys", "api-keys")],
+    }
+    for name, value in server["environment"].items():
+        if name in contents:
+            path = tmp_path / Path(value).name
+            path.write_bytes(contents[name])
+            value = str(path)
+        monkeypatch.setenv(name, value)
+    settings = Settings()
+    credentials = server_credentials(settings)
+    keys = api_keys(settings)
+    assert credentials is not None and keys is not None and keys.authenticate(key) is not None
+    assert settings.health_port == 50052
+    _tls_health_check(credentials, authority, client, mutual=False)
 
 
 def test_compose_mounts_exist_and_prometheus_scrapes_every_role(tmp_path: Path) -> None:
@@ -1482,7 +1779,7 @@ def test_dockerfile_is_multi_stage_and_runs_as_a_numeric_non_root_user() -> None
         if field.endswith("_host"):
             assert f"EPICRISIS_{field.upper()}=0.0.0.0" in env, field
     exposed = {port for keyword, rest in runtime if keyword == "EXPOSE" for port in rest.split()}
-    assert {"50051", "9464"} <= exposed
+    assert {"50051", "50052", "9464"} <= exposed  # gRPC, its plaintext health port, /metrics
     (entrypoint,) = [json.loads(rest) for keyword, rest in runtime if keyword == "ENTRYPOINT"]
     (cmd,) = [json.loads(rest) for keyword, rest in runtime if keyword == "CMD"]
     assert entrypoint == ["epicrisis"] and cmd == ["serve"]
