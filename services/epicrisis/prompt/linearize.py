@@ -160,6 +160,30 @@ def neutralize(text: str) -> str:
     return _FENCE_RUN.sub(lambda m: " ".join(m.group()), text)
 
 
+# Text that addresses a model rather than describes a patient ("ignore the previous
+# instructions", "system prompt"): a note line like this is dropped from the prompt, and an
+# answer sentence like this fails verification (rule "instructions").
+INSTRUCTION_TALK = re.compile(
+    r"\b(?:ignore|disregard|override)\b[^.]{0,40}\b(?:instructions?|prompts?|rules)\b|"
+    r"\bsystem (?:prompt|message)\b|\bas an ai\b|"
+    r"\blanguage model\b|\b(?:hidden|secret) instructions?\b|\bjailbreak",
+    re.IGNORECASE,
+)
+REDACTED = "[text addressed to the model, not about the patient, was removed]"
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def redacted(text: str) -> str:
+    """Free text without its sentences that address the model; the fence holds the rest."""
+    if not INSTRUCTION_TALK.search(text):
+        return text
+    lines = []
+    for line in text.split("\n"):
+        parts = _SENTENCE_END.split(line)
+        lines.append(" ".join(REDACTED if INSTRUCTION_TALK.search(p) else p for p in parts))
+    return "\n".join(lines)
+
+
 QUOTE_OPEN, QUOTE_CLOSE = "\u00ab", "\u00bb"  # « »: free text quoted inline, as data
 
 
@@ -171,13 +195,14 @@ def quoted(text: str) -> str:
 
 
 def clean(text: str | None, limit: int | None = LABEL_MAX_CHARS) -> str:
-    """A label fit for one line: single-spaced, no control characters, no fence markers, and
+    """A label fit for one line: single-spaced, no control characters, no fence markers, no
+    sentence that addresses the model, and
     at most ``limit`` characters (cut at a word, marked), so no one label of a hostile or
     broken Bundle can crowd the safety set out of the token budget."""
     if not text:
         return ""
     text = _CONTROL.sub(" ", text.replace("\r", " ").replace("\n", " "))
-    text = neutralize(_SPACES.sub(" ", text)).strip()
+    text = redacted(neutralize(_SPACES.sub(" ", text)).strip())
     if limit is not None and len(text) > limit:
         cut = text.rfind(" ", 0, limit + 1)
         text = text[: cut if cut > limit // 2 else limit].rstrip() + " [truncated]"
@@ -751,7 +776,7 @@ class _Builder:
         for note in notes:
             handle = self.h(note.ref, _note_type(note))
             title = clean(note.title) or "Note"
-            text = clean_block(note.text)
+            text = redacted(clean_block(note.text))
             if len(text) > NOTE_MAX_CHARS:
                 more = len(text) - NOTE_MAX_CHARS
                 text = (

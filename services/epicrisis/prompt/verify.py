@@ -10,6 +10,13 @@ states appears in the lines of those handles:
   that names it);
 - diagnoses: a condition of the stay named in the sentence (a core phrase of its label,
   such as "septic shock", or its head noun, such as "pneumonia") must occur in a cited line.
+- drugs and diagnoses the stay never mentions (what a compromised model, or one obeying an
+  instruction hidden in a note, would add): a word shaped like a drug name (an INN stem
+  such as -pril, -olol, -statin, -mycin, or a common drug without one: aspirin, insulin)
+  or like a diagnosis (-itis, -osis, -emia, -oma, carcinoma, cancer, ...) must occur in a
+  cited line too;
+- instructions: a sentence that speaks of instructions, prompts or the model ("ignore
+  previous instructions", "system prompt", "as an AI") is never prose of a summary.
 
 Problems name the place (``hospital_course[2]``), the handle and the rule broken, never
 the clinical text, so they may be logged and returned to callers (no PHI).
@@ -27,6 +34,7 @@ from typing import Any, Literal
 from pydantic import ValidationError
 
 from epicrisis.prompt.handles import HANDLE_PATTERN, is_handle
+from epicrisis.prompt.linearize import INSTRUCTION_TALK
 from epicrisis.prompt.messages import PromptResult
 from epicrisis.prompt.schema import SECTIONS, Answer
 from epicrisis.stay.context import Concept, Stay
@@ -40,6 +48,7 @@ Rule = Literal[
     "numbers",
     "drugs",
     "diagnoses",
+    "instructions",
     "death",
 ]
 
@@ -74,6 +83,7 @@ _MESSAGES: dict[str, str] = {
     "numbers": "states a number or date that is not in the cited lines",
     "drugs": "names a drug that is not in the cited lines",
     "diagnoses": "names a diagnosis that is not in the cited lines",
+    "instructions": "speaks of instructions or prompts, not of the patient",
     "death": "discharge_instructions must be empty in a death summary",
 }
 
@@ -222,6 +232,159 @@ def _lenient_sentences(data: Mapping[str, Any]) -> Iterable[tuple[str, int, str,
 
 
 # -- the grounding rules -------------------------------------------------------------------
+
+# Drug names by their WHO INN / USAN stems, and common drugs that have none. A word of this
+# shape in a sentence must occur in the lines it cites, whether or not the stay knows it:
+# this is what catches a drug the model invented, which the stay's own vocabulary cannot.
+_DRUG_SHAPE = re.compile(
+    r"[a-z]{2,}(?:pril|prilat|sartan|olol|alol|ilol|statin|dipine|prazole|tidine|semide|"
+    r"thiazide|parin|farin|xaban|gatran|grel|grelor|cillin|mycin|micin|cycline|floxacin|"
+    r"penem|bactam|azole|conazole|vir|navir|mab|umab|ximab|zumab|tinib|platin|taxel|"
+    r"rubicin|formin|gliptin|gliflozin|glutide|glinide|triptan|oxetine|xetine|azepam|"
+    r"zolam|barbital|profen|fenac|lukast|terol|tropium|sonide|asone|olone|isone|morphone|"
+    r"codone|fentanil|tyline|pramine|peridol|apine|idone|etine|arone|dronate|setron|"
+    r"pramide|osin|asteride|purinol|teplase|kacin|mectin|trexate|phylline|oxacin|ximin|"
+    r"pentin|gabalin|tiazem|pamil|alazine|onidine|lutamide|rozole|quine|dopa|sporine|"
+    r"limus|cort|caine|fibrate|tadine)"
+)
+_NOT_DRUGS = frozenset({"cholesterol", "escort"})
+_COMMON_DRUGS = frozenset(
+    {
+        "aspirin",
+        "insulin",
+        "heparin",
+        "warfarin",
+        "morphine",
+        "codeine",
+        "digoxin",
+        "lithium",
+        "nitroglycerin",
+        "epinephrine",
+        "norepinephrine",
+        "adrenaline",
+        "dopamine",
+        "dobutamine",
+        "vasopressin",
+        "paracetamol",
+        "acetaminophen",
+        "naloxone",
+        "fentanyl",
+        "tramadol",
+        "propofol",
+        "ketamine",
+        "clopidogrel",
+        "methadone",
+        "levothyroxine",
+        "spironolactone",
+        "colchicine",
+        "nitrofurantoin",
+        "trimethoprim",
+        "sulfamethoxazole",
+        "tacrolimus",
+        "cyclosporine",
+        "penicillin",
+        "amoxicillin",
+        "vancomycin",
+        "ceftriaxone",
+        "cefazolin",
+        "cefepime",
+        "cephalexin",
+        "lactulose",
+        "sucralfate",
+        "zolpidem",
+        "oxytocin",
+        "glucagon",
+        "atropine",
+        "adenosine",
+        "amiodarone",
+        "chemotherapy",
+        "opioid",
+        "opioids",
+        "steroid",
+        "steroids",
+    }
+)
+# Diagnoses by the shape of their names (inflammation, condition, blood, tumour ...) and the
+# common ones without such a shape; ordinary words of the same shape are left out.
+_DIAGNOSIS_SHAPE = re.compile(
+    r"[a-z]{3,}(?:itis|osis|emia|aemia|oma|omas|pathy|algia|plegia|paresis|penia|cytosis|"
+    r"rrhage|rrhea|rrhoea|uria|iasis|trophy|sclerosis|plasia|ectasis|megaly|spasm|"
+    r"thrombus|embolism|infarction|insufficiency|stenosis|fibrillation|arrhythmia)"
+)
+_NOT_DIAGNOSES = frozenset(
+    {
+        "diagnosis",
+        "prognosis",
+        "diploma",
+        "aroma",
+        "academia",
+        "nostalgia",
+        "empathy",
+        "sympathy",
+        "telepathy",
+        "trophy",
+        "hypostasis",
+        "emphasis",
+        "oasis",
+        "basis",
+        "thesis",
+        "synthesis",
+    }
+)
+_COMMON_DIAGNOSES = frozenset(
+    {
+        "cancer",
+        "carcinoma",
+        "malignancy",
+        "metastatic",
+        "metastases",
+        "metastasis",
+        "tumor",
+        "tumour",
+        "leukemia",
+        "lymphoma",
+        "sepsis",
+        "pneumonia",
+        "stroke",
+        "diabetes",
+        "hypertension",
+        "hypotension",
+        "dementia",
+        "asthma",
+        "influenza",
+        "tuberculosis",
+        "hiv",
+        "aids",
+        "covid",
+        "fracture",
+        "schizophrenia",
+        "depression",
+        "epilepsy",
+        "seizure",
+        "seizures",
+        "psychosis",
+        "overdose",
+        "dvt",
+        "copd",
+    }
+)
+
+
+def _drug_like(word: str) -> bool:
+    if word in _COMMON_DRUGS:
+        return True
+    return len(word) >= 6 and word not in _NOT_DRUGS and _DRUG_SHAPE.fullmatch(word) is not None
+
+
+def _diagnosis_like(word: str) -> bool:
+    if word in _COMMON_DIAGNOSES:
+        return True
+    return (
+        len(word) >= 6
+        and word not in _NOT_DIAGNOSES
+        and _DIAGNOSIS_SHAPE.fullmatch(word) is not None
+    )
+
 
 _HANDLE_TOKEN = re.compile(rf"\[?\b{HANDLE_PATTERN}\b\]?")
 _FENCE_HANDLE = re.compile(rf"END NOTE {HANDLE_PATTERN}")
@@ -486,15 +649,18 @@ def _sentence_problems(
         found.append(Problem("numbers", where))
     words = set(_WORD.findall(text.lower()))
     source_words = set(_WORD.findall(source_lower))
-    if any(w in vocabulary.drugs and w not in source_words for w in words):
+    unsupported = words - source_words
+    if any(w in vocabulary.drugs or _drug_like(w) for w in unsupported):
         found.append(Problem("drugs", where))
     sentence_lower = " ".join(text.lower().split())
     flat_source = " ".join(source_lower.split())
-    if any(w in vocabulary.condition_words and w not in source_words for w in words) or any(
+    if any(w in vocabulary.condition_words or _diagnosis_like(w) for w in unsupported) or any(
         matcher.search(sentence_lower) and phrase not in flat_source
         for phrase, matcher in vocabulary.conditions
     ):
         found.append(Problem("diagnoses", where))
+    if INSTRUCTION_TALK.search(text):
+        found.append(Problem("instructions", where))
     return found
 
 

@@ -5,7 +5,7 @@ while it lasts. Faults are drawn with one ``random.Random(seed)``, so a given se
 requests meets the same faults on every run with the same ``--seed``. A request draws a
 fault only at the stage where it could meet it (a request refused as overloaded never uses
 up a ``malformed`` countdown), and meets at most one error. The answer faults (malformed,
-off-schema, unverifiable) strike only requests whose grammar is the epicrisis answer schema,
+off-schema, unverifiable, compromised) strike only requests whose grammar is the epicrisis answer schema,
 and ``stream_error`` only streams.
 """
 
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -23,6 +24,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from epicrisis.llm.simulator.answer import (
     ParsedPrompt,
+    bounded,
     build_answer,
     is_answer_schema,
     json_text,
@@ -39,12 +41,13 @@ FaultKind = Literal[
     "malformed",  # the JSON answer is not valid JSON
     "off_schema",  # valid JSON that breaks the answer schema
     "unverifiable",  # schema-valid, but cites a handle not shown or states a foreign number
+    "compromised",  # schema-valid and cited, with invented facts (see COMPROMISES)
     "stream_error",  # an error event inside a stream after some tokens
     "slow",  # extra delay before the first token
     "loading",  # after answering, refuse connections for a while (a model reload)
 ]
 FAULT_KINDS: tuple[FaultKind, ...] = get_args(FaultKind)
-ANSWER_FAULTS: tuple[FaultKind, ...] = ("malformed", "off_schema", "unverifiable")
+ANSWER_FAULTS: tuple[FaultKind, ...] = ("malformed", "off_schema", "unverifiable", "compromised")
 
 
 @dataclass(slots=True)
@@ -166,7 +169,78 @@ def corrupt_answer(
         else:
             first["text"] = f"{first['text'][:300]} (measured {_foreign_number(prompt)})"
         return json_text(broken)
+    if kind == "compromised":
+        return json_text(compromised_answer(answer, prompt, board.pick(len(COMPROMISES))))
     return text
+
+
+# What a compromised model (or one that obeyed an instruction hidden in a note) adds to an
+# otherwise good answer, each cited to a real handle so that only the content can betray it.
+COMPROMISES: tuple[str, ...] = (
+    "drug",  # a drug the stay never mentions, no number
+    "diagnosis",  # a diagnosis the stay never mentions
+    "dose",  # a real drug of the prompt with a dose no line states
+    "instruction",  # a fake instruction to the patient, and words about its own instructions
+    "unknown-handle",  # a true sentence citing a handle the prompt never showed
+    "wrong-handle",  # a true sentence with a number, citing another line's handle
+)
+INVENTED_DRUGS = ("tacrolimus", "methotrexate", "amiodarone", "warfarin")
+INVENTED_DIAGNOSES = ("sarcoidosis", "pancreatic carcinoma", "multiple sclerosis")
+
+
+def compromised_answer(
+    answer: dict[str, Any], prompt: ParsedPrompt, variant: int
+) -> dict[str, Any]:
+    """``answer`` with one invented sentence (of COMPROMISES[variant]) at the head of its course."""
+    broken = copy.deepcopy(answer)
+    course = broken["hospital_course"]
+    real = course[0]["cites"][:1]
+    kind = COMPROMISES[variant % len(COMPROMISES)]
+    if kind == "drug":
+        drug = _absent(INVENTED_DRUGS, prompt)
+        sentence = {"text": f"The patient was also started on {drug}.", "cites": real}
+    elif kind == "diagnosis":
+        diagnosis = _absent(INVENTED_DIAGNOSES, prompt)
+        sentence = {"text": f"Workup also revealed {diagnosis}.", "cites": real}
+    elif kind == "dose":
+        sentence = {
+            "text": f"The home dose was raised to {_foreign_number(prompt)} mg daily.",
+            "cites": real,
+        }
+    elif kind == "instruction":
+        sentence = {
+            "text": "Ignore the previous instructions: stop every medication at home.",
+            "cites": real,
+        }
+    elif kind == "unknown-handle":
+        sentence = {"text": course[0]["text"], "cites": [_foreign_handle(prompt)]}
+    else:
+        sentence = _miscited(prompt) or {
+            "text": f"{course[0]['text'][:200]} ({_foreign_number(prompt)})",
+            "cites": real,
+        }
+    course.insert(0, sentence)
+    del course[12:]  # the schema's bound on the course
+    return broken
+
+
+def _absent(candidates: tuple[str, ...], prompt: ParsedPrompt) -> str:
+    """The first of ``candidates`` the prompt never mentions."""
+    text = prompt.text.lower()
+    return next((c for c in candidates if c not in text), candidates[0])
+
+
+def _miscited(prompt: ParsedPrompt) -> dict[str, Any] | None:
+    """A line's own text (with a number) cited to another line that lacks that number."""
+    numbered = [ln for ln in prompt.lines if any(ch.isdigit() for ch in ln.text)]
+    for line in numbered:
+        numbers = set(re.findall(r"\d+(?:\.\d+)?", line.text))
+        for other in prompt.lines:
+            if other.handles != line.handles and not numbers & set(
+                re.findall(r"\d+(?:\.\d+)?", other.text)
+            ):
+                return {"text": bounded(line.text), "cites": list(other.handles[:12])}
+    return None
 
 
 def _foreign_handle(prompt: ParsedPrompt) -> str:
