@@ -22,7 +22,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deployment import LOCAL_ONLY
-from epicrisis.config import Settings
+from epicrisis.config import Limits, Settings
 from epicrisis.serving.jobs import JobOptions
 from epicrisis.serving.server import embedded_service
 from epicrisis.serving.servicer import SERVICE_NAME
@@ -47,7 +47,10 @@ async def api(
     options: dict[str, Any] = dict(kwargs)
     if summarizer is not None:
         options["summarizer"] = summarizer
-    settings = Settings(embedded_concurrency=1, shutdown_grace_seconds=1, **LOCAL_ONLY)
+    limits = options.pop("limits", Limits())
+    settings = Settings(
+        embedded_concurrency=1, shutdown_grace_seconds=1, limits=limits, **LOCAL_ONLY
+    )
     async with (
         embedded_service(settings, "127.0.0.1:0", **options) as (_, port, _health),
         grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
@@ -361,3 +364,18 @@ def test_store_and_broker_failures_are_unavailable_and_no_exception_text_leaks(
         "the job store is not answering; retry later",
         "internal error; please report it",
     )
+
+
+def test_the_servers_own_limits_bound_what_it_accepts() -> None:
+    """The limits in the server's settings apply, not whatever the environment says."""
+
+    async def scenario() -> tuple[grpc.StatusCode, str]:
+        async with api(limits=Limits(max_entries=5)) as (stub, _):
+            try:
+                await stub.Submit(pb.SubmitRequest(bundle=SAMPLE), timeout=30)
+            except grpc.aio.AioRpcError as error:
+                return error.code(), error.details() or ""
+        raise AssertionError("a Bundle over the entry limit was accepted")
+
+    code, details = run(scenario)
+    assert code is grpc.StatusCode.INVALID_ARGUMENT and "5" in details

@@ -154,7 +154,7 @@ async def embedded_service(
     health_servicer = health.aio.HealthServicer()
     server, port = create_server(
         address,
-        DischargeSummarizer(store, worker, Auditor.from_settings(settings)),
+        DischargeSummarizer(store, worker, Auditor.from_settings(settings), settings.limits),
         health_servicer,
         max_bundle_bytes=settings.limits.max_bundle_bytes,
         credentials=server_credentials(settings),
@@ -200,7 +200,7 @@ async def queued_service(
     worker = QueuedWorker(store, app, max_queued=settings.max_queued_jobs)
     server, port = create_server(
         address,
-        DischargeSummarizer(store, worker, Auditor.from_settings(settings)),
+        DischargeSummarizer(store, worker, Auditor.from_settings(settings), settings.limits),
         health_servicer,
         max_bundle_bytes=settings.limits.max_bundle_bytes,
         credentials=server_credentials(settings),

@@ -18,6 +18,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 
+from epicrisis.config import Limits, get_settings
 from epicrisis.observability import metrics
 from epicrisis.observability.logs import JOB_ID
 from epicrisis.observability.tracing import carrier, tracer
@@ -130,8 +131,11 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
     """The service. A caller sees only its own jobs: another caller's job id is NOT_FOUND,
     exactly as an unknown one, and idempotency keys are scoped to their caller."""
 
-    def __init__(self, store: JobStore, worker: Worker, auditor: Auditor) -> None:
+    def __init__(
+        self, store: JobStore, worker: Worker, auditor: Auditor, limits: Limits | None = None
+    ) -> None:
         self._store = store
+        self._limits = limits or get_settings().limits
         self._worker = worker
         self.auditor = auditor
         self._validating = asyncio.Semaphore(VALIDATIONS_AT_ONCE)
@@ -193,7 +197,9 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
 
     async def _owned(self, job_id: str) -> JobRecord:
         """The caller's own job; another caller's is as unknown as a job that never was."""
-        validate_job_id(job_id)  # an id no job can have (too long) is refused before a lookup
+        validate_job_id(
+            job_id, self._limits
+        )  # an id no job can have (too long) is refused before a lookup
         record = await self._store.get(job_id)
         if record.owner != current_caller().id:
             raise JobNotFound("no such job (it may have expired)")
@@ -228,7 +234,9 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
 
     async def _accept(self, request: pb.SubmitRequest, event: _Event) -> JobRecord:
         """Validate the Bundle (bad input fails the RPC), then create and queue the job."""
-        validate_submit(request)  # the fields beside the Bundle: lengths, key charset, tokens
+        validate_submit(
+            request, self._limits
+        )  # the fields beside the Bundle: lengths, key charset, tokens
         options = request.options
         encounter_id = request.encounter_id if request.HasField("encounter_id") else None
         async with self._validating:
@@ -237,6 +245,7 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
                 stay = await asyncio.to_thread(
                     load_stay,
                     request.bundle,
+                    limits=self._limits,
                     encounter_id=encounter_id,
                     strict=options.strict,
                     allow_emergency=options.allow_emergency,
