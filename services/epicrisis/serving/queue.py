@@ -25,6 +25,14 @@ Redis away (a restart): a delivery waits for the job store for up to
 ``STORE_RETRY_SECONDS`` at each step, then puts its message back (``Reject(requeue)``)
 instead of failing, so no job is lost or left RUNNING with an acknowledged message.
 
+Lost messages: kombu's Redis transport takes a message with ``BRPOP`` and only then records
+it as unacknowledged, so a worker killed between the two (a few milliseconds; longer on a
+busy worker) loses the message for good. Every job not yet final is therefore indexed
+(``{prefix}:live:{queue}``, by when it was last seen: queued, delivered), and each worker
+in turn (:func:`reconcile`) queues again a job that has not been seen for the visibility
+timeout and whose message is neither waiting in a queue nor held by a worker. A duplicate
+is harmless: a job already final is skipped, and a running one stops the other delivery.
+
 Cancellation: while a job runs, a watch on its record stops the pipeline as soon as the
 job turns final elsewhere (CancelJob, a Summarize deadline): the model request is closed,
 and the model server (TGI, the simulator) drops a sequence whose client has gone.
@@ -41,6 +49,7 @@ sizes it). The loop also sends the heartbeat the server's health check reads
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import logging
 import os
@@ -51,6 +60,8 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import replace
 from typing import Any, Final, Literal, TypeVar
 
+import orjson
+import redis.asyncio as aioredis
 from celery import Celery
 from celery.concurrency import get_implementation
 from celery.exceptions import Reject
@@ -99,6 +110,9 @@ RESTORE_MUTEX_SECONDS = 30  # a sweep takes milliseconds; one killed mid-sweep b
 STORE_RETRY_SECONDS = 30.0  # a delivery waits this long for Redis, then requeues its message
 STOP_RETRY_SECONDS = 0.5  # how often a task that ignored its cancellation is cancelled again
 REWATCH_SECONDS = 1.0  # after a cancellation watch lost Redis
+RECONCILE_BATCH = 500  # suspect jobs looked at per round
+RECONCILE_SCAN_LIMIT = 50_000  # waiting messages read at most per round (else: next round)
+UNACKED_KEY = "unacked"  # kombu's hash of the messages workers hold (Channel.unacked_key)
 T = TypeVar("T")
 
 
@@ -203,6 +217,7 @@ class JobRunner:
         self._job_loop: _JobLoop | None = None
         self._lock = threading.RLock()
         self._running = 0  # jobs on the loop now (touched only from the loop)
+        self.app: Any = None  # the Celery app (create_app sets it): for reconcile()
         self.metrics_address: str | None = None  # where the worker serves /metrics
 
     def sealer(self) -> Sealer:
@@ -241,8 +256,10 @@ class JobRunner:
         try:
             record = await _stored(lambda: store.get(job_id))
             if record.final:
+                await _stored(lambda: drop_live(store, job_id))
                 return "skipped"  # a redelivery of a finished or cancelled job
             runs = await _stored(lambda: store.count_run(job_id))
+            await _stored(lambda: touch_live(store, job_id))
             if runs > max_retries + 1 + EXTRA_DELIVERIES:
                 failure = JobFailure("worker-lost", "the job stopped its workers repeatedly", True)
                 return await _fail(store, job_id, failure)
@@ -320,6 +337,8 @@ class JobRunner:
                 )
                 self._job_loop = _JobLoop(store)
                 self._job_loop.start(heartbeat(store, self._status))
+                if self.app is not None:
+                    self._job_loop.start(reconcile(store, self.app, self.settings))
             return self._job_loop
 
     def start(self) -> None:
@@ -369,6 +388,8 @@ async def _transition(
         return made[-1]
 
     record = await _stored(lambda: store.update(job_id, apply))
+    if record.final:
+        await _stored(lambda: drop_live(store, job_id))
     return bool(made) and record is made[-1]
 
 
@@ -467,6 +488,7 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> Any:
         worker_hijack_root_logger=False,
     )
     app.epicrisis_runner = job_runner
+    job_runner.app = app
 
     def run_job(task: Any, job_id: str) -> str:
         try:
@@ -489,6 +511,121 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> Any:
         retry_jitter=True,
     )(run_job)
     return app
+
+
+# -- jobs whose message was lost ----------------------------------------------------------
+
+
+def _client(store: RedisJobStore) -> aioredis.Redis:
+    """The store's own connection pool (RedisJobStore has no public accessor yet)."""
+    return store._redis
+
+
+def _prefix(store: RedisJobStore) -> str:
+    return store._prefix
+
+
+def _live_key(store: RedisJobStore, queue: str) -> str:
+    return f"{_prefix(store)}:live:{queue}"
+
+
+async def mark_live(store: RedisJobStore, job_id: str, queue: str) -> None:
+    """Index a job about to be queued (the server, before it sends the message)."""
+    await _client(store).zadd(_live_key(store, queue), {job_id: time.time()})
+
+
+async def touch_live(store: RedisJobStore, job_id: str) -> None:
+    """A job was seen alive now (a delivery started, its message was found)."""
+    async with _client(store).pipeline(transaction=False) as pipe:
+        for queue in QUEUES:
+            pipe.zadd(_live_key(store, queue), {job_id: time.time()}, xx=True)
+        await pipe.execute()
+
+
+async def drop_live(store: RedisJobStore, job_id: str) -> None:
+    """A job turned final: nothing to look after any more."""
+    async with _client(store).pipeline(transaction=False) as pipe:
+        for queue in QUEUES:
+            pipe.zrem(_live_key(store, queue), job_id)
+        await pipe.execute()
+
+
+def _job_of(message: bytes | str) -> str | None:
+    """The job id a Celery message (as kombu stores it) carries, if it is ``run_job``'s."""
+    try:
+        data = orjson.loads(message)
+        if isinstance(data, list):  # an unacknowledged one: [message, exchange, routing key]
+            data = data[0]
+        if data["headers"].get("task") != TASK_NAME:
+            return None
+        args = orjson.loads(base64.b64decode(data["body"]))[0]
+        return str(args[0])
+    except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+async def _messages_hold(store: RedisJobStore) -> set[str] | None:
+    """The jobs whose message waits in a queue or is held by a worker; None when the queues
+    are too long to read this round."""
+    client = _client(store)
+    waiting = sum([await client.llen(queue) for queue in QUEUES])
+    if waiting > RECONCILE_SCAN_LIMIT:
+        return None
+    raw: list[bytes | str] = list(await client.hvals(UNACKED_KEY))
+    for queue in QUEUES:
+        raw.extend(await client.lrange(queue, 0, -1))
+    return {job for job in map(_job_of, raw) if job is not None}
+
+
+async def reconcile_once(store: RedisJobStore, app: Any, settings: Settings) -> list[str]:
+    """Queue again the jobs not seen for the visibility timeout whose message is nowhere
+    (nor waiting, nor held); forget the final and the expired. The jobs queued again."""
+    client = _client(store)
+    horizon = time.time() - visibility_timeout(settings)
+    again: list[str] = []
+    for queue in QUEUES:
+        key = _live_key(store, queue)
+        suspects = [
+            raw.decode() if isinstance(raw, bytes) else str(raw)
+            for raw in await client.zrangebyscore(key, "-inf", horizon, 0, RECONCILE_BATCH)
+        ]
+        if not suspects:
+            continue
+        held = await _messages_hold(store)
+        if held is None:
+            log.info("reconcile: the queues are long; the next round looks again")
+            return again
+        for job_id in suspects:
+            try:
+                record = await store.get(job_id)
+            except JobNotFound:
+                record = None
+            if record is None or record.final:
+                await client.zrem(key, job_id)
+            elif job_id in held:
+                await client.zadd(key, {job_id: time.time()}, xx=True)
+            else:
+                log.warning(
+                    "job %s: its message was lost (a worker died taking it); queued again", job_id
+                )
+                await client.zadd(key, {job_id: time.time()}, xx=True)
+                await asyncio.to_thread(submit, app, job_id, priority=queue)  # type: ignore[arg-type]
+                again.append(job_id)
+    return again
+
+
+async def reconcile(store: RedisJobStore, app: Any, settings: Settings) -> None:
+    """Every worker, every few seconds, tries to take the round (a lock in Redis for one
+    sweep interval): so the round runs about once per interval across the workers."""
+    interval = restore_sweep_seconds(settings)
+    lock = f"{_prefix(store)}:reconcile"
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            if await _client(store).set(lock, this_worker_id(), nx=True, px=interval * 1000):
+                await reconcile_once(store, app, settings)
+        except (RedisError, OSError) as exc:
+            log.warning("reconcile round failed (%s)", type(exc).__name__)
 
 
 def worker_concurrency(settings: Settings) -> int:

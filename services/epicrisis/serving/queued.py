@@ -3,6 +3,11 @@
 The server validates and stores; Celery workers (``epicrisis worker``) run the jobs. The
 queue depth is bounded per priority: past ``max_queued`` waiting jobs, Submit answers
 RESOURCE_EXHAUSTED instead of letting Redis grow without bound.
+
+Each job is indexed as live before its message is sent (:func:`queue.mark_live`), so a
+message that a dying worker took and lost is found and sent again; and if sending fails
+(Redis or the broker away), the job is indexed all the same, so it is sent later instead of
+waiting for ever under an idempotency key the caller will retry with.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ import asyncio
 from typing import Any
 
 from epicrisis.serving.jobs import Accepted, JobRecord, QueueFull, cancelled
-from epicrisis.serving.queue import submit
+from epicrisis.serving.queue import drop_live, mark_live, submit
 from epicrisis.serving.redis_store import RedisJobStore
 
 
@@ -25,8 +30,12 @@ class QueuedWorker:
         if await self._store.queue_depth(accepted.priority) >= self._max_queued:
             raise QueueFull(f"{self._max_queued} {accepted.priority} jobs are waiting; retry later")
         await self._store.put_payload(job_id, accepted.stay, accepted.options)
+        await mark_live(self._store, job_id, accepted.priority)
         await asyncio.to_thread(submit, self._app, job_id, priority=accepted.priority)
 
     async def cancel(self, job_id: str) -> JobRecord:
-        """Final at once; a worker never overwrites a final record, nor starts a cancelled job."""
-        return await self._store.update(job_id, cancelled)
+        """Final at once; a worker never overwrites a final record, nor starts a cancelled
+        job, and one running it stops (it watches the record)."""
+        record = await self._store.update(job_id, cancelled)
+        await drop_live(self._store, job_id)
+        return record
