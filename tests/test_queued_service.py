@@ -218,7 +218,7 @@ def test_a_cancelled_job_stays_cancelled_when_its_generation_ends(
     deployment: Deployment, sims: list[str]
 ) -> None:
     slow_model(sims)
-    skipped_before = deployment.worker_log.read_text(errors="replace").count(": 'skipped'")
+    stopped_before = deployment.worker_log.read_text(errors="replace").count(": 'stopped'")
     channel, stub = deployment.stub()
     with channel:
         job_id = stub.Submit(pb.SubmitRequest(bundle=SAMPLE, options=LLM), timeout=10).id
@@ -226,7 +226,7 @@ def test_a_cancelled_job_stays_cancelled_when_its_generation_ends(
             if seen.state == pb.JOB_STATE_RUNNING:
                 break
         cancelled = stub.CancelJob(pb.CancelJobRequest(id=job_id), timeout=10)
-        wait_for_outcome(deployment, "skipped", skipped_before + 1)  # the worker got there
+        wait_for_outcome(deployment, "stopped", stopped_before + 1)  # the worker stopped it
         after = stub.GetJob(pb.GetJobRequest(id=job_id), timeout=10)
     assert cancelled.state == pb.JOB_STATE_CANCELLED
     assert after.state == pb.JOB_STATE_CANCELLED and not after.HasField("summary")

@@ -7,17 +7,30 @@ RESOURCE_EXHAUSTED instead of letting Redis grow without bound.
 Each job is indexed as live before its message is sent (:func:`queue.mark_live`), so a
 message that a dying worker took and lost is found and sent again; and if sending fails
 (Redis or the broker away), the job is indexed all the same, so it is sent later instead of
-waiting for ever under an idempotency key the caller will retry with.
+waiting for ever under an idempotency key the caller will retry with. Redis or the broker
+away a moment (a restart, a failover) is waited out for ``ENQUEUE_RETRY_SECONDS``: the job
+record exists by then, and a Submit that failed here would leave it behind its idempotency
+key, never queued (found by tests/test_faults.py: a retried Submit answered OK with a job
+QUEUED for ever).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from kombu.exceptions import OperationalError
+from redis.exceptions import RedisError
 
 from epicrisis.serving.jobs import Accepted, JobRecord, QueueFull, cancelled
 from epicrisis.serving.queue import drop_live, mark_live, submit
 from epicrisis.serving.redis_store import RedisJobStore
+
+log = logging.getLogger(__name__)
+ENQUEUE_RETRY_SECONDS = 15.0  # Redis or the broker away: how long a Submit waits for them
+T = TypeVar("T")
 
 
 class QueuedWorker:
@@ -29,9 +42,11 @@ class QueuedWorker:
     async def enqueue(self, job_id: str, accepted: Accepted) -> None:
         if await self._store.queue_depth(accepted.priority) >= self._max_queued:
             raise QueueFull(f"{self._max_queued} {accepted.priority} jobs are waiting; retry later")
-        await self._store.put_payload(job_id, accepted.stay, accepted.options)
-        await mark_live(self._store, job_id, accepted.priority)
-        await asyncio.to_thread(submit, self._app, job_id, priority=accepted.priority)
+        await _patiently(lambda: self._store.put_payload(job_id, accepted.stay, accepted.options))
+        await _patiently(lambda: mark_live(self._store, job_id, accepted.priority))
+        await _patiently(
+            lambda: asyncio.to_thread(submit, self._app, job_id, priority=accepted.priority)
+        )
 
     async def cancel(self, job_id: str) -> JobRecord:
         """Final at once; a worker never overwrites a final record, nor starts a cancelled
@@ -39,3 +54,24 @@ class QueuedWorker:
         record = await self._store.update(job_id, cancelled)
         await drop_live(self._store, job_id)
         return record
+
+
+async def _patiently(step: Callable[[], Awaitable[T]]) -> T:
+    """``step``, repeated while Redis or the broker does not answer, for up to
+    ``ENQUEUE_RETRY_SECONDS`` (then its error: UNAVAILABLE for the caller). Each step may
+    be repeated: a payload written twice is the same, a second message for a job is skipped
+    by the worker that gets it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + ENQUEUE_RETRY_SECONDS
+    pause = 0.1
+    while True:
+        try:
+            return await step()
+        except (RedisError, OperationalError) as exc:
+            if loop.time() + pause > deadline:
+                raise
+            log.warning(
+                "queueing a job: Redis did not answer (%s); trying again", type(exc).__name__
+            )
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 1.0)
