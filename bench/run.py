@@ -1,4 +1,5 @@
-"""Run every benchmark and write bench/README.md: one command, figures from one run."""
+"""Run every benchmark and write bench/README.md: one command, figures from one run (the
+soak, ``bench/soak.py``, runs on its own; its last section, ``bench/soak.md``, is kept)."""
 
 from __future__ import annotations
 
@@ -79,6 +80,10 @@ medications.
 ## The service: overhead and backend saturation
 
 {served}"""
+    # bench/soak.py runs apart (10,000 jobs, about 15 minutes) and leaves its section here
+    soak = HERE / "soak.md"
+    if soak.is_file():
+        text = text.rstrip("\n") + "\n\n" + soak.read_text()
     (HERE / "README.md").write_text(text)
     print(text)
 
