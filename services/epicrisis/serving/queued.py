@@ -40,7 +40,7 @@ class QueuedWorker:
         self._max_queued = max_queued
 
     async def enqueue(self, job_id: str, accepted: Accepted) -> None:
-        if await self._store.queue_depth(accepted.priority) >= self._max_queued:
+        if await _patiently(lambda: self._store.queue_depth(accepted.priority)) >= self._max_queued:
             raise QueueFull(f"{self._max_queued} {accepted.priority} jobs are waiting; retry later")
         await _patiently(lambda: self._store.put_payload(job_id, accepted.stay, accepted.options))
         await _patiently(lambda: mark_live(self._store, job_id, accepted.priority))
