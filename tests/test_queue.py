@@ -71,6 +71,33 @@ class Queued:
             self.settings.redis_url, Sealer.from_settings(self.settings), poll_seconds=1
         )
 
+    def outcomes(self, job_id: str | None) -> list[str]:
+        """The outcomes the worker logged for ``job_id`` ("succeeded", "skipped" ...), one per
+        delivery; ``None``: deliveries it refused, having no job id it could read."""
+        found = []
+        for line in self.log.read_text(errors="replace").splitlines():
+            if not line.startswith("{"):
+                continue
+            record = json.loads(line)
+            message = str(record.get("message", ""))
+            if job_id is None and message == "run_job refused a malformed job id":
+                found.append("refused")
+            elif (
+                job_id is not None
+                and record.get("job_id") == job_id
+                and message.startswith("job ")
+                and " " not in message[4:]
+            ):
+                found.append(message[4:])
+        return found
+
+    async def outcome(self, job_id: str | None, count: int = 1) -> str:
+        """The ``count``-th outcome of ``job_id`` once the worker has logged it (a bound)."""
+        async with asyncio.timeout(WAIT_SECONDS):
+            while len(seen := self.outcomes(job_id)) < count:
+                await asyncio.sleep(0.05)
+        return seen[count - 1]
+
 
 def wait_until_ready(worker: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + WAIT_SECONDS
@@ -88,6 +115,7 @@ def celery_worker(redis_url: str, key: str, log: Path, *, concurrency: int = 2) 
         "EPICRISIS_REDIS_URL": redis_url,
         "EPICRISIS_ENCRYPTION_KEY": key,
         "EPICRISIS_METRICS_PORT": "0",
+        "EPICRISIS_LOG_FORMAT": "json",  # the tests read outcomes from its records
     }
     with log.open("wb") as sink:
         worker = subprocess.Popen(
@@ -147,10 +175,10 @@ async def enqueue(
     bundle: bytes,
     options: JobOptions | None = None,
     priority: Priority = INTERACTIVE,
-) -> tuple[str, Any]:
+) -> str:
     job_id = await enqueue_only(queued, bundle, options)
-    result = await asyncio.to_thread(submit, queued.app, job_id, priority=priority)
-    return job_id, result
+    await asyncio.to_thread(submit, queued.app, job_id, priority=priority)
+    return job_id
 
 
 async def final(queued: Queued, job_id: str) -> JobRecord:
@@ -167,10 +195,9 @@ async def final(queued: Queued, job_id: str) -> JobRecord:
 
 def test_a_submitted_job_runs_to_the_summary_the_cli_would_give(queued: Queued) -> None:
     async def scenario() -> tuple[JobRecord, str]:
-        job_id, result = await enqueue(queued, SAMPLE, priority=BATCH)
+        job_id = await enqueue(queued, SAMPLE, priority=BATCH)
         record = await final(queued, job_id)
-        outcome = await asyncio.to_thread(result.get, timeout=WAIT_SECONDS)
-        return record, outcome
+        return record, await queued.outcome(job_id)
 
     record, outcome = run(scenario())
     assert outcome == "succeeded"
@@ -211,11 +238,11 @@ def test_a_payload_of_another_version_ends_failed_with_a_reason_and_no_content(
 
 def test_a_redelivered_job_that_is_already_final_is_not_run_again(queued: Queued) -> None:
     async def scenario() -> tuple[JobRecord, JobRecord, str]:
-        job_id, result = await enqueue(queued, SAMPLE)
+        job_id = await enqueue(queued, SAMPLE)
         first = await final(queued, job_id)
-        await asyncio.to_thread(result.get, timeout=WAIT_SECONDS)
-        again = await asyncio.to_thread(submit, queued.app, job_id)  # as a redelivery would
-        outcome = await asyncio.to_thread(again.get, timeout=WAIT_SECONDS)
+        assert await queued.outcome(job_id) == "succeeded"
+        await asyncio.to_thread(submit, queued.app, job_id)  # as a redelivery would
+        outcome = await queued.outcome(job_id, count=2)
         store = queued.store()
         try:
             return first, await store.get(job_id), outcome
@@ -229,11 +256,13 @@ def test_a_redelivered_job_that_is_already_final_is_not_run_again(queued: Queued
 
 def test_a_job_id_that_names_no_job_is_dropped(queued: Queued) -> None:
     async def scenario() -> list[str]:
-        results = [
-            await asyncio.to_thread(submit, queued.app, "0" * 32),
-            await asyncio.to_thread(submit, queued.app, f"../{SENTINEL}"),
+        refused_before = len(queued.outcomes(None))
+        await asyncio.to_thread(submit, queued.app, "0" * 32)
+        await asyncio.to_thread(submit, queued.app, f"../{SENTINEL}")
+        return [
+            await queued.outcome("0" * 32),
+            await queued.outcome(None, count=refused_before + 1),
         ]
-        return [await asyncio.to_thread(r.get, timeout=WAIT_SECONDS) for r in results]
 
     assert run(scenario()) == ["expired", "refused"]
 
@@ -261,7 +290,7 @@ def test_waiting_interactive_work_starts_before_waiting_batch_work(
             ("urgent-2", INTERACTIVE),
         )
         for name, priority in order:
-            jobs[name], _ = await enqueue(waiting, SAMPLE, priority=priority)
+            jobs[name] = await enqueue(waiting, SAMPLE, priority=priority)
         with celery_worker(
             waiting.settings.redis_url, key.get_secret_value(), tmp_path / "w.log", concurrency=1
         ):
@@ -392,3 +421,22 @@ def test_a_worker_that_cannot_run_jobs_right_stops_at_once_saying_why(
     assert result.returncode != 0
     assert named in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_queueing_a_job_leaves_no_subscription_or_result_behind() -> None:
+    """Celery with a result backend subscribed once per sent task and never read the
+    channel (the 10,000-job soak saw the server's memory grow with it): there is none."""
+    with redis_server() as server:
+        settings = Settings(redis_url=server.url, encryption_key=SecretStr(new_key_text()))
+        app = create_app(settings)
+        try:
+            for n in range(20):
+                submit(app, f"{n:032x}", priority="batch")
+            with server.client() as client:
+                others = [c for c in client.client_list() if c["cmd"] != "client|list"]
+                pubsub = [c for c in others if "subscribe" in c["cmd"] or int(c["sub"])]
+                assert pubsub == [], pubsub
+                assert client.llen("batch") == 20
+                assert not list(client.scan_iter("celery-task-meta-*"))
+        finally:
+            app.close()

@@ -2,8 +2,10 @@
 
 The task is thin: the message carries only the job id (JSON), the stay the server validated
 waits sealed in the job store, and the work is the same pipeline as the CLI and the embedded
-worker from there on (a summarizer, ``render_fhir``): a Bundle is parsed and validated once. The result lands in :class:`RedisJobStore`;
-Celery's own result is only an outcome word (``succeeded``, ``failed``, ``skipped`` ...).
+worker from there on (a summarizer, ``render_fhir``): a Bundle is parsed and validated once.
+The result lands in :class:`RedisJobStore`; Celery keeps no result (no result backend), and
+the task's return value, an outcome word (``succeeded``, ``failed``, ``skipped`` ...), is
+only logged.
 
 Ordering: two queues, ``interactive`` and ``batch``; workers run with
 ``-Q interactive,batch`` and the Redis transport's ``queue_order_strategy="priority"``, so
@@ -460,10 +462,13 @@ def _retry_allowed(exc: EpicrisisError, retries: int, max_retries: int) -> bool:
 def create_app(settings: Settings, runner: JobRunner | None = None) -> Any:
     """A Celery app on ``settings.redis_url`` with ``run_job`` registered (Celery is untyped)."""
     job_runner = runner or JobRunner(settings)
-    app = Celery("epicrisis", broker=settings.redis_url, backend=settings.redis_url)
+    # No result backend: a job's result is in the job store. Celery's results would only
+    # add a key per job and, on the sending side, a pub/sub subscription per task that
+    # nothing reads (the soak found the server's memory growing with them).
+    app = Celery("epicrisis", broker=settings.redis_url)
     app.conf.update(
         task_serializer="json",
-        result_serializer="json",
+        task_ignore_result=True,
         accept_content=["json"],
         task_queues=[Queue(name, Exchange(name), routing_key=name) for name in QUEUES],
         task_default_queue=INTERACTIVE,
@@ -484,7 +489,6 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> Any:
             "unacked_mutex_expire": RESTORE_MUTEX_SECONDS,
         },
         broker_connection_retry_on_startup=True,
-        result_expires=int(settings.job_ttl_seconds),
         worker_hijack_root_logger=False,
     )
     app.epicrisis_runner = job_runner
@@ -649,15 +653,16 @@ def worker_concurrency(settings: Settings) -> int:
     return slots + max(2, slots // 8)
 
 
-def submit(app: Any, job_id: str, *, priority: Priority = INTERACTIVE) -> Any:
+def submit(app: Any, job_id: str, *, priority: Priority = INTERACTIVE) -> None:
     """Queue ``run_job`` for a job whose record and payload are stored; blocking I/O (kombu),
-    so async callers run it in a thread. Returns Celery's ``AsyncResult``."""
+    so async callers run it in a thread."""
     if priority not in QUEUES:
         raise ValueError(f"priority must be one of {QUEUES}")
-    return app.send_task(
+    app.send_task(
         TASK_NAME,
         args=(job_id,),
         queue=priority,
+        ignore_result=True,
         headers={ENQUEUED_AT_HEADER: time.time()},  # for the queue's oldest age (metrics)
     )
 
