@@ -324,6 +324,30 @@ def test_a_job_whose_message_a_dying_worker_took_is_queued_again(tmp_path: Path)
     assert log.count("message was lost") == 1
 
 
+def test_a_replayed_submit_queues_a_job_whose_first_submit_lost_redis_half_way(
+    tmp_path: Path,
+) -> None:
+    """Redis lost after the job was saved, before its payload, index entry and message
+    were: the first Submit fails, and the caller's retry with the same idempotency key
+    finds the job QUEUED. The replay stores the payload again and has the job looked after,
+    so it runs instead of waiting for ever."""
+    with deployed(tmp_path, env=QUICK_REDELIVERY) as running:
+        assert stop_worker(running) == 0
+        channel, stub = running.stub()
+        request = pb.SubmitRequest(bundle=SMALL, options=LLM, idempotency_key="replayed")
+        with channel:
+            job_id = submit(stub, request)
+            with broker(running) as client:  # undo all but the record: the half-way state
+                client.delete("interactive", f"epicrisis:payload:{job_id}")
+                client.zrem("epicrisis:live:interactive", job_id)
+            assert submit(stub, request) == job_id  # the replay: same job
+            running.start_worker("--concurrency", "2")
+            job = finals(stub, [job_id], explain=whereabouts(running, stub))[job_id]
+        log = running.worker_log.read_text(errors="replace")
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    assert log.count("message was lost") == 1
+
+
 def stop_worker(deployment: Deployment) -> int:
     return deployment_stop(deployment.workers.pop())
 

@@ -119,6 +119,11 @@ STAGE_DURATION = Histogram(
     ["stage"],
     buckets=JOB_BUCKETS,
 )
+JOBS_REQUEUED = Counter(
+    "epicrisis_jobs_requeued",
+    "Jobs queued again because their message was lost (a worker died taking it, or the "
+    "server could not send it).",
+)
 QUEUE_DEPTH = Gauge("epicrisis_queue_depth", "Jobs waiting in each queue.", ["queue"])
 QUEUE_OLDEST_AGE = Gauge(
     "epicrisis_queue_oldest_age_seconds",

@@ -73,6 +73,10 @@ class EmbeddedWorker:
         except asyncio.QueueFull:
             raise QueueFull(f"{self._queue.maxsize} jobs are waiting; retry later") from None
 
+    async def resume(self, job_id: str, accepted: Accepted) -> None:
+        """Nothing to do: a QUEUED job of this process is in its queue (nothing is lost
+        between saving a job and queueing it without a network in between)."""
+
     async def cancel(self, job_id: str) -> JobRecord:
         record = await self._store.update(job_id, cancelled)
         task = self._running.get(job_id)

@@ -521,21 +521,28 @@ def create_app(settings: Settings, runner: JobRunner | None = None) -> Any:
 
 
 def _client(store: RedisJobStore) -> aioredis.Redis:
-    """The store's own connection pool (RedisJobStore has no public accessor yet)."""
-    return store._redis
+    return store.client
 
 
 def _prefix(store: RedisJobStore) -> str:
-    return store._prefix
+    return store.prefix
 
 
 def _live_key(store: RedisJobStore, queue: str) -> str:
     return f"{_prefix(store)}:live:{queue}"
 
 
-async def mark_live(store: RedisJobStore, job_id: str, queue: str) -> None:
-    """Index a job about to be queued (the server, before it sends the message)."""
-    await _client(store).zadd(_live_key(store, queue), {job_id: time.time()})
+async def mark_live(
+    store: RedisJobStore, job_id: str, queue: str, *, seen: float | None = None
+) -> None:
+    """Index a job about to be queued (the server, before it sends the message); ``seen=0``
+    makes the next reconcile round look for its message at once. The index expires with
+    the newest job in it (every key of the store has a TTL)."""
+    key = _live_key(store, queue)
+    async with _client(store).pipeline(transaction=False) as pipe:
+        pipe.zadd(key, {job_id: time.time() if seen is None else seen})
+        pipe.pexpire(key, store.ttl_ms)
+        await pipe.execute()
 
 
 async def touch_live(store: RedisJobStore, job_id: str) -> None:
@@ -612,6 +619,7 @@ async def reconcile_once(store: RedisJobStore, app: Any, settings: Settings) -> 
                 log.warning(
                     "job %s: its message was lost (a worker died taking it); queued again", job_id
                 )
+                metrics.JOBS_REQUEUED.inc()
                 await client.zadd(key, {job_id: time.time()}, xx=True)
                 await asyncio.to_thread(submit, app, job_id, priority=queue)  # type: ignore[arg-type]
                 again.append(job_id)

@@ -48,6 +48,15 @@ class QueuedWorker:
             lambda: asyncio.to_thread(submit, self._app, job_id, priority=accepted.priority)
         )
 
+    async def resume(self, job_id: str, accepted: Accepted) -> None:
+        """A Submit replayed with its idempotency key found the job still QUEUED: if the first
+        Submit lost Redis between saving the job and sending its message, the job would wait
+        for ever. Store the payload again if it is missing and have the next reconcile round
+        look for the message at once (it sends one only if none is waiting or held)."""
+        if not await self._store.has_payload(job_id):
+            await self._store.put_payload(job_id, accepted.stay, accepted.options)
+        await mark_live(self._store, job_id, accepted.priority, seen=0.0)
+
     async def cancel(self, job_id: str) -> JobRecord:
         """Final at once; a worker never overwrites a final record, nor starts a cancelled
         job, and one running it stops (it watches the record)."""

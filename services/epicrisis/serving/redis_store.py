@@ -9,6 +9,10 @@ with a key derived from the encryption key, so no name holds anything from a req
     {prefix}:runs:{id}           deliveries of the job to a worker (a counter)
     {prefix}:idem:{hmac(key)}    "{id}:{hmac(request digest)}" for idempotent Submit
     {prefix}:events:{id}         pub/sub channel (not a key): "a record changed, re-read it"
+    {prefix}:live:{queue}        sorted set: unfinished jobs -> when last seen (serving.queue
+                                 queues again one whose message was lost); expires with the
+                                 newest job in it
+    {prefix}:reconcile           the lock of a worker's round of that check (a few seconds)
     {prefix}:workers:all         hash: worker process -> its last heartbeat (plain JSON: a
                                  host and pid, times and counts; nothing about a job)
 
@@ -109,6 +113,23 @@ class RedisJobStore:
         await self._redis.aclose()
         await self._redis.connection_pool.disconnect()
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The store's connection pool, for the queue's own keys (the live-job index)."""
+        return self._redis
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    @property
+    def ttl_ms(self) -> int:
+        """How long a job's keys live (EPICRISIS_JOB_TTL_SECONDS), in milliseconds."""
+        return self._ttl_ms
+
+    async def has_payload(self, job_id: str) -> bool:
+        return bool(await self._redis.exists(self._key("payload", job_id)))
+
     async def ping(self) -> None:
         """Raise unless Redis answers (the server's health check)."""
         await self._redis.ping()
@@ -198,8 +219,9 @@ class RedisJobStore:
             seen = await self.get(job_id)
             yield seen
             while not seen.final:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), self._poll)
+                with contextlib.suppress(TimeoutError):  # asyncio.timeout: see wait_subscribed
+                    async with asyncio.timeout(self._poll):
+                        await changed.wait()
                 changed.clear()  # a change after this sets it again: the next wait sees it
                 current = await self.get(job_id)
                 if current != seen:
@@ -397,8 +419,11 @@ class _Notifier:
 
     async def wait_subscribed(self, limit: float) -> None:
         """Until the subscription is live (or ``limit`` passes: the watcher then polls)."""
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for can lose a cancellation that
+        # arrives as the awaited event is set (CPython gh-86296), and the watch never ends.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), limit)
+            async with asyncio.timeout(limit):
+                await self._subscribed.wait()
 
     async def _read(self) -> None:
         while True:

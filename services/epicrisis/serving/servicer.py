@@ -31,6 +31,7 @@ from epicrisis.serving.jobs import (
     JobNotFound,
     JobOptions,
     JobRecord,
+    JobState,
     QueueFull,
     fingerprint,
 )
@@ -75,6 +76,8 @@ class Worker(Protocol):
     """What the servicer needs of a worker: a queue (that may be full) and cancellation."""
 
     async def enqueue(self, job_id: str, accepted: Accepted) -> None: ...
+
+    async def resume(self, job_id: str, accepted: Accepted) -> None: ...
 
     async def cancel(self, job_id: str) -> JobRecord: ...
 
@@ -289,6 +292,8 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
             metrics.record_warnings(w.code for w in stay.warnings)
             JOB_ID.set(record.id)  # the rest of this call's log records name the job
             log.info("job accepted (%s)", accepted.priority)
+        elif record.state is JobState.QUEUED:  # a replay: make sure the first one got queued
+            await self._worker.resume(record.id, accepted)
         return record
 
     async def _final(self, job_id: str) -> JobRecord:
