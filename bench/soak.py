@@ -581,8 +581,9 @@ def markdown(r: dict[str, Any]) -> str:
         "",
         f"Redis clients: at most {r['redis_clients_max']} connected; pub/sub channels with a "
         f"subscriber: at most {r['pubsub_channels_max']}, {r['pubsub_channels_last']} at the "
-        "end (Celery's result backend subscribes to each task's result channel when the "
-        "server sends it; a count growing with the jobs would be a leak).",
+        "end (the server's job watchers share one pattern subscription; Celery keeps no "
+        "results, so sending a task subscribes to nothing: a count growing with the jobs "
+        "would be a leak).",
         "",
     ]
     lines += [
@@ -612,7 +613,7 @@ def markdown(r: dict[str, Any]) -> str:
         "Every key of a job has the job's TTL: `epicrisis:job:*` (the sealed record), "
         "`epicrisis:payload:*` (the sealed stay, deleted when the job is final), "
         "`epicrisis:runs:*` (deliveries), `epicrisis:idem:*` (idempotency keys) and "
-        "Celery's `celery-task-meta-*` (`result_expires` = the job TTL); "
+        "`epicrisis:live:*` (the unfinished jobs, refreshed with each one added); "
         "`epicrisis:workers:all` lives three heartbeats past the last one. Without a TTL, by "
         "design, are only Celery's and kombu's own keys, none of which grows with the jobs: "
         "the queues `interactive` and `batch` (lists, at most `EPICRISIS_MAX_QUEUED_JOBS` "
