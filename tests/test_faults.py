@@ -479,6 +479,39 @@ def test_sigterm_drains_the_calls_in_flight_and_the_server_exits_0(tmp_path: Pat
     assert any(isinstance(result, pb.Job) for result in results)  # drained, not dropped
 
 
+def test_calls_cut_by_a_stopping_server_leave_their_jobs_running(tmp_path: Path) -> None:
+    """A rolling restart: the grace period ends before the generations do. The Summarize
+    calls are cut (UNAVAILABLE or CANCELLED for their callers, who retry with their key),
+    but their jobs are not cancelled: the workers finish all four."""
+    env = {"EPICRISIS_SHUTDOWN_GRACE_SECONDS": "0.2"}
+    with deployed(tmp_path, sim_args=("--first-token-latency", "3.0"), env=env) as running:
+        channel, stub = running.stub()
+        with channel, ThreadPoolExecutor(4) as pool:
+
+            def call(n: int) -> grpc.StatusCode | None:
+                request = pb.SubmitRequest(bundle=SMALL, options=LLM, idempotency_key=f"cut-{n}")
+                try:
+                    stub.Summarize(request, timeout=WAIT_SECONDS)
+                    return None
+                except grpc.RpcError as error:
+                    return error.code()
+
+            calls = [pool.submit(call, n) for n in range(4)]
+            wait_until(lambda: busy(running.sims) == 4, "the four generations to start")
+            server = running.servers[0]
+            server.send_signal(signal.SIGTERM)
+            assert server.wait(timeout=WAIT_SECONDS) == 0
+            codes = [c.result(timeout=WAIT_SECONDS) for c in calls]
+        assert all(
+            code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) for code in codes
+        )
+        wait_until(
+            lambda: running.worker_log.read_text(errors="replace").count("job succeeded") == 4,
+            "the four jobs to finish in the worker",
+        )
+        assert "job stopped" not in running.worker_log.read_text(errors="replace")
+
+
 def test_cancelling_a_running_job_stops_its_generation_and_frees_the_slot(
     tmp_path: Path,
 ) -> None:

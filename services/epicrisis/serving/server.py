@@ -198,9 +198,10 @@ async def queued_service(
     app = create_app(settings)
     health_servicer = health.aio.HealthServicer()
     worker = QueuedWorker(store, app, max_queued=settings.max_queued_jobs)
+    servicer = DischargeSummarizer(store, worker, Auditor.from_settings(settings), settings.limits)
     server, port = create_server(
         address,
-        DischargeSummarizer(store, worker, Auditor.from_settings(settings), settings.limits),
+        servicer,
         health_servicer,
         max_bundle_bytes=settings.limits.max_bundle_bytes,
         credentials=server_credentials(settings),
@@ -227,6 +228,10 @@ async def queued_service(
         checks: list[Check] = [redis_answers, workers_ready]
         async with _watched(server, health_servicer, checks, settings, sample, "queued"):
             yield server, port, health_servicer
+            # Draining now: a Summarize still open when the grace period ends is cut by the
+            # stop, not by its caller; its job goes on in the workers (a retry with the same
+            # idempotency key finds it), so it is not cancelled.
+            servicer.keep_jobs_of_cut_calls = True
     finally:
         await store.aclose()
 

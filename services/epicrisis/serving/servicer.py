@@ -141,6 +141,7 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
         self._limits = limits or get_settings().limits
         self._worker = worker
         self.auditor = auditor
+        self.keep_jobs_of_cut_calls = False  # set while a queued server drains
         self._validating = asyncio.Semaphore(VALIDATIONS_AT_ONCE)
 
     @_unary
@@ -185,7 +186,8 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
                 f"job {record.id} did not finish before the deadline and was cancelled",
             )
         except asyncio.CancelledError:
-            await self._worker.cancel(record.id)  # the caller went away
+            if not self.keep_jobs_of_cut_calls:
+                await self._worker.cancel(record.id)  # the caller went away
             raise
         return job_message(_read(event, final))
 
