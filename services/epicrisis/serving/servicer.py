@@ -178,7 +178,8 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
         remaining = context.time_remaining()
         budget = None if remaining is None else max(remaining - DEADLINE_MARGIN_SECONDS, 0.0)
         try:
-            final = await asyncio.wait_for(self._final(record.id), budget)
+            async with asyncio.timeout(budget):  # not wait_for: it can lose a cancel on 3.11
+                final = await self._final(record.id)
         except TimeoutError:
             await self._worker.cancel(record.id)  # nobody waits for it any more
             await context.abort(
