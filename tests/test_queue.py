@@ -40,6 +40,7 @@ from epicrisis.serving.queue import (
     RetryLater,
     _retry_allowed,
     create_app,
+    mark_live,
     submit,
     worker_concurrency,
 )
@@ -440,3 +441,25 @@ def test_queueing_a_job_leaves_no_subscription_or_result_behind() -> None:
                 assert not list(client.scan_iter("celery-task-meta-*"))
         finally:
             app.close()
+
+
+def test_the_live_job_index_expires_like_the_jobs_in_it() -> None:
+    """Every key of the store has a TTL (the soak's rule): the index of unfinished jobs
+    too, refreshed with each job added."""
+
+    async def scenario() -> tuple[int, int]:
+        with redis_server() as server:
+            sealer = Sealer.from_text(new_key_text())
+            store = RedisJobStore.from_url(server.url, sealer, ttl_seconds=60)
+            try:
+                await mark_live(store, "a" * 32, INTERACTIVE)
+                await mark_live(store, "b" * 32, INTERACTIVE, seen=0.0)
+                with server.client() as client:
+                    return int(client.pttl("epicrisis:live:interactive")), int(
+                        client.zcard("epicrisis:live:interactive")
+                    )
+            finally:
+                await store.aclose()
+
+    ttl_ms, members = run(scenario())
+    assert members == 2 and 0 < ttl_ms <= 60_000
