@@ -203,9 +203,8 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
 
     async def _owned(self, job_id: str) -> JobRecord:
         """The caller's own job; another caller's is as unknown as a job that never was."""
-        validate_job_id(
-            job_id, self._limits
-        )  # an id no job can have (too long) is refused before a lookup
+        # An id no job can have (too long) is refused before a lookup.
+        validate_job_id(job_id, self._limits)
         record = await self._store.get(job_id)
         if record.owner != current_caller().id:
             raise JobNotFound("no such job (it may have expired)")
