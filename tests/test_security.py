@@ -291,6 +291,7 @@ def test_a_malformed_keys_file_is_named_by_line_never_by_content(tmp_path: Path)
     caller = ApiKeys.from_file(keys).authenticate(key)
     assert caller is not None and caller.id == "ehr-north"
     assert caller.may("GetJob") and not caller.may("CancelJob")
+    assert not caller.may("ListJobs")  # a method no right names stays closed
     assert ApiKeys.from_file(keys).authenticate(key + "x") is None
     assert key not in keys.read_text()  # the file holds the hash only
 

@@ -33,6 +33,7 @@ METHOD_RIGHTS = {
     "WatchJob": "read",
     "CancelJob": "cancel",
 }
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.")  # probes, tools: no key
 ANONYMOUS = "anonymous"
 KEY_PREFIX = "epk_"
 _CALLER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
@@ -45,9 +46,10 @@ class Caller:
     rights: frozenset[str]
 
     def may(self, method: str) -> bool:
-        """Whether this caller may call ``method`` (methods outside the service: anyone)."""
+        """Whether this caller may call ``method``; a method no right names: nobody (a
+        method added to the service stays closed until it is given a right here)."""
         right = METHOD_RIGHTS.get(method)
-        return right is None or right in self.rights
+        return right is not None and right in self.rights
 
 
 ANONYMOUS_CALLER = Caller(ANONYMOUS, frozenset(RIGHTS))

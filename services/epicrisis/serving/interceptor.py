@@ -31,7 +31,7 @@ from epicrisis.serving.audit import Auditor
 from epicrisis.serving.auth import (
     ANONYMOUS_CALLER,
     CALLER,
-    METHOD_RIGHTS,
+    OPEN_SERVICES,
     ApiKeys,
     presented_key,
 )
@@ -59,7 +59,7 @@ class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
             async def observed_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 with _observed(name, method, context):
-                    await self._authenticate(method, context)
+                    await self._authenticate(name, context)
                     return await unary(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -74,7 +74,7 @@ class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
                 with _observed(name, method, context, current=False):
-                    await self._authenticate(method, context)
+                    await self._authenticate(name, context)
                     async for item in stream(request, context):
                         yield item
 
@@ -97,10 +97,12 @@ class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
         return handler  # streaming requests (reflection): not observed
 
-    async def _authenticate(self, method: str, context: grpc.aio.ServicerContext) -> None:
-        """Set the call's caller, or end the call: UNAUTHENTICATED, PERMISSION_DENIED."""
-        if method not in METHOD_RIGHTS:
-            return  # health checking: probes carry no key
+    async def _authenticate(self, name: str, context: grpc.aio.ServicerContext) -> None:
+        """Set the call's caller, or end the call: UNAUTHENTICATED, PERMISSION_DENIED.
+        Every service needs a key but health checking and reflection (fail closed)."""
+        if name.startswith(OPEN_SERVICES):
+            return  # probes and tools carry no key
+        method = name.rsplit("/", 1)[-1]
         if self._keys is None:
             CALLER.set(ANONYMOUS_CALLER)
             return
