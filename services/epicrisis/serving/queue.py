@@ -395,24 +395,45 @@ async def _transition(
     return bool(made) and record is made[-1]
 
 
-async def _stored(command: Callable[[], Awaitable[T]]) -> T:
-    """A job store command, repeated while Redis does not answer (a restart, a failover)
-    for up to ``STORE_RETRY_SECONDS``; then :class:`StoreUnavailable`. The commands are
-    safe to repeat: reads, a delivery counter, and updates that never change a final job."""
+async def waiting_out(
+    step: Callable[[], Awaitable[T]],
+    *,
+    errors: tuple[type[Exception], ...],
+    seconds: float,
+    max_pause: float,
+    what: str,
+) -> T:
+    """``step``, repeated with a doubling pause (0.1 s up to ``max_pause``) while it raises
+    one of ``errors`` (Redis or the broker away: a restart, a failover), for up to
+    ``seconds``; then that error. Only for steps that are safe to repeat."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + STORE_RETRY_SECONDS
+    deadline = loop.time() + seconds
     pause = 0.1
     while True:
         try:
-            return await command()
-        except RedisError as exc:
+            return await step()
+        except errors as exc:
             if loop.time() + pause > deadline:
-                raise StoreUnavailable(
-                    f"the job store did not answer ({type(exc).__name__})"
-                ) from None
-            log.warning("the job store did not answer (%s); trying again", type(exc).__name__)
+                raise
+            log.warning("%s did not answer (%s); trying again", what, type(exc).__name__)
         await asyncio.sleep(pause)
-        pause = min(pause * 2, 2.0)
+        pause = min(pause * 2, max_pause)
+
+
+async def _stored(command: Callable[[], Awaitable[T]]) -> T:
+    """A job store command, repeated while Redis does not answer for up to
+    ``STORE_RETRY_SECONDS``; then :class:`StoreUnavailable`. The commands are safe to
+    repeat: reads, a delivery counter, and updates that never change a final job."""
+    try:
+        return await waiting_out(
+            command,
+            errors=(RedisError,),
+            seconds=STORE_RETRY_SECONDS,
+            max_pause=2.0,
+            what="the job store",
+        )
+    except RedisError as exc:
+        raise StoreUnavailable(f"the job store did not answer ({type(exc).__name__})") from None
 
 
 async def _until_final(store: RedisJobStore, job_id: str) -> None:

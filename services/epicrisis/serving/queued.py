@@ -17,7 +17,6 @@ QUEUED for ever).
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -25,10 +24,9 @@ from kombu.exceptions import OperationalError
 from redis.exceptions import RedisError
 
 from epicrisis.serving.jobs import Accepted, JobRecord, QueueFull, cancelled
-from epicrisis.serving.queue import drop_live, mark_live, submit
+from epicrisis.serving.queue import drop_live, mark_live, submit, waiting_out
 from epicrisis.serving.redis_store import RedisJobStore
 
-log = logging.getLogger(__name__)
 ENQUEUE_RETRY_SECONDS = 15.0  # Redis or the broker away: how long a Submit waits for them
 T = TypeVar("T")
 
@@ -70,17 +68,10 @@ async def _patiently(step: Callable[[], Awaitable[T]]) -> T:
     ``ENQUEUE_RETRY_SECONDS`` (then its error: UNAVAILABLE for the caller). Each step may
     be repeated: a payload written twice is the same, a second message for a job is skipped
     by the worker that gets it."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + ENQUEUE_RETRY_SECONDS
-    pause = 0.1
-    while True:
-        try:
-            return await step()
-        except (RedisError, OperationalError) as exc:
-            if loop.time() + pause > deadline:
-                raise
-            log.warning(
-                "queueing a job: Redis did not answer (%s); trying again", type(exc).__name__
-            )
-        await asyncio.sleep(pause)
-        pause = min(pause * 2, 1.0)
+    return await waiting_out(
+        step,
+        errors=(RedisError, OperationalError),
+        seconds=ENQUEUE_RETRY_SECONDS,
+        max_pause=1.0,
+        what="queueing a job: Redis or the broker",
+    )
