@@ -447,29 +447,34 @@ def test_a_slow_endpoint_and_a_flapping_one_lose_their_traffic(tmp_path: Path) -
 # -- 4. the server stopped mid-call; cancellation -------------------------------------------------
 
 
+def sigterm_under_summarize_calls(running: Deployment) -> list[pb.Job | grpc.StatusCode]:
+    """Four Summarize calls (idempotency keys ``sigterm-0`` ...) whose generations have
+    started, then SIGTERM to the server, which must exit 0: what each call got."""
+    channel, stub = running.stub()
+    with channel, ThreadPoolExecutor(4) as pool:
+
+        def call(n: int) -> pb.Job | grpc.StatusCode:
+            request = pb.SubmitRequest(bundle=SMALL, options=LLM, idempotency_key=f"sigterm-{n}")
+            try:
+                job: pb.Job = stub.Summarize(request, timeout=WAIT_SECONDS)
+                return job
+            except grpc.RpcError as error:
+                return error.code()
+
+        calls = [pool.submit(call, n) for n in range(4)]
+        wait_until(lambda: busy(running.sims) == 4, "the four generations to start")
+        server = running.servers[0]
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=WAIT_SECONDS) == 0
+        return [c.result(timeout=WAIT_SECONDS) for c in calls]
+
+
 def test_sigterm_drains_the_calls_in_flight_and_the_server_exits_0(tmp_path: Path) -> None:
     """Summarize calls are in flight (their generations take 2 s) when the server gets
     SIGTERM: each one completes, or ends with a status a client can act on, and the
     server exits 0 without logging an error (checked as the deployment stops)."""
     with deployed(tmp_path, sim_args=("--first-token-latency", "2.0")) as running:
-        channel, stub = running.stub()
-        with channel, ThreadPoolExecutor(4) as pool:
-
-            def call(_: int) -> pb.Job | grpc.StatusCode:
-                request = pb.SubmitRequest(bundle=SMALL, options=LLM)
-                try:
-                    job: pb.Job = stub.Summarize(request, timeout=WAIT_SECONDS)
-                    return job
-                except grpc.RpcError as error:
-                    return error.code()
-
-            calls = [pool.submit(call, n) for n in range(4)]
-            wait_until(lambda: busy(running.sims) == 4, "the four generations to start")
-            server = running.servers[0]
-            server.send_signal(signal.SIGTERM)
-            code = server.wait(timeout=WAIT_SECONDS)
-            results = [c.result(timeout=WAIT_SECONDS) for c in calls]
-    assert code == 0
+        results = sigterm_under_summarize_calls(running)
     clean = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
     for result in results:
         if isinstance(result, pb.Job):
@@ -485,23 +490,7 @@ def test_calls_cut_by_a_stopping_server_leave_their_jobs_running(tmp_path: Path)
     but their jobs are not cancelled: the workers finish all four."""
     env = {"EPICRISIS_SHUTDOWN_GRACE_SECONDS": "0.2"}
     with deployed(tmp_path, sim_args=("--first-token-latency", "3.0"), env=env) as running:
-        channel, stub = running.stub()
-        with channel, ThreadPoolExecutor(4) as pool:
-
-            def call(n: int) -> grpc.StatusCode | None:
-                request = pb.SubmitRequest(bundle=SMALL, options=LLM, idempotency_key=f"cut-{n}")
-                try:
-                    stub.Summarize(request, timeout=WAIT_SECONDS)
-                    return None
-                except grpc.RpcError as error:
-                    return error.code()
-
-            calls = [pool.submit(call, n) for n in range(4)]
-            wait_until(lambda: busy(running.sims) == 4, "the four generations to start")
-            server = running.servers[0]
-            server.send_signal(signal.SIGTERM)
-            assert server.wait(timeout=WAIT_SECONDS) == 0
-            codes = [c.result(timeout=WAIT_SECONDS) for c in calls]
+        codes = sigterm_under_summarize_calls(running)
         assert all(
             code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED) for code in codes
         )
