@@ -213,7 +213,7 @@ def test_prompt_budget_follows_the_endpoint_info(
     sim = start(max_input_tokens=3000, max_total_tokens=4096)
     summary, _, _ = summarize(sample, sim.base_url)
     assert not summary.provenance.fallback
-    # 4096 - 1536 leaves 2,560 tokens: the sample's 5,700-token prompt must be cut, and say so
+    # 4096 - 2048 leaves 2,048 tokens: the sample's 5,700-token prompt must be cut, and say so
     assert summary.provenance.omitted and all(o.count > 0 for o in summary.provenance.omitted)
     assert chat_counts(sim.base_url) == {"200": 1}  # never a 422 for length
     with pytest.raises(ConfigurationError, match="leaves no room"):

@@ -516,7 +516,7 @@ def test_load_tokenizer(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
 
 def test_default_budget_comes_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     prompt = build_messages(make_stay(), tokenizer=EstimateTokenizer())
-    assert prompt.max_input_tokens == 8192 - 1536
+    assert prompt.max_input_tokens == 8192 - 2048
     monkeypatch.setenv("EPICRISIS_MAX_INPUT_TOKENS", "2048")
     get_settings.cache_clear()
     prompt = build_messages(make_stay(), tokenizer=EstimateTokenizer())

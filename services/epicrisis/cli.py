@@ -226,7 +226,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-input-tokens",
         type=int,
         metavar="N",
-        help="prompt budget in tokens (default: EPICRISIS_MAX_INPUT_TOKENS, else 8192 - 1536)",
+        help="prompt budget in tokens (default: EPICRISIS_MAX_INPUT_TOKENS, else 8192 - 2048)",
     )
     prompt.add_argument(
         "--tokenizer",

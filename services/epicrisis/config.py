@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     embedded_concurrency: int = Field(2, gt=0)  # jobs run at once by the embedded worker
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     max_queued_jobs: int = Field(1000, gt=0)  # waiting per priority; past it RESOURCE_EXHAUSTED
-    max_input_tokens: int = Field(8192 - 1536, gt=256)
+    max_input_tokens: int = Field(8192 - 2048, gt=256)
 
     # -- who may call, and over what: TLS (mutual with a client CA), API keys --------------
     grpc_tls_cert_file: Path | None = None  # PEM certificate chain of the server
@@ -79,7 +79,7 @@ class Settings(BaseSettings):
     llm_api_key: SecretStr | None = None  # bearer token, for servers started with --api-key
     llm_timeout_seconds: float = Field(180.0, gt=0)  # one generation, sent to answered
     llm_connect_timeout_seconds: float = Field(5.0, gt=0)
-    llm_max_output_tokens: int = Field(1536, gt=0)  # prompt.budget.OUTPUT_RESERVE_TOKENS
+    llm_max_output_tokens: int = Field(2048, gt=0)  # prompt.budget.OUTPUT_RESERVE_TOKENS
     llm_temperature: float = Field(0.2, gt=0, le=2)  # Med42's card samples at 0.4
     llm_top_p: float = Field(0.75, gt=0, lt=1)  # TGI refuses 1.0 (422)
     llm_seed: int | None = Field(None, ge=0)  # fixed sampling seed (a retry uses seed + 1)

@@ -22,8 +22,10 @@ from epicrisis.prompt.tokenizers import Tokenizer, count_many
 
 MODEL_CONTEXT_TOKENS = 8192
 """Med42-v2's context window (Llama 3)."""
-OUTPUT_RESERVE_TOKENS = 1536
-"""Room kept for the answer: three short cited sections fit well inside it."""
+OUTPUT_RESERVE_TOKENS = 2048
+"""Room kept for the answer: a full answer at the schema's bounds (28 sentences with their
+citations, as JSON) fits inside it, and the prompt keeps 6,144 tokens, which holds every
+corpus stay's safety set with room to spare (bench/README.md)."""
 DEFAULT_MAX_INPUT_TOKENS = MODEL_CONTEXT_TOKENS - OUTPUT_RESERVE_TOKENS
 
 

@@ -137,7 +137,7 @@ def _system_tokens(tok: Tokenizer) -> int:
 def build_messages(
     stay: Stay, *, tokenizer: Tokenizer | None = None, max_input_tokens: int | None = None
 ) -> PromptResult:
-    """The prompt for ``stay`` within ``max_input_tokens`` (default: settings, 8192 - 1536).
+    """The prompt for ``stay`` within ``max_input_tokens`` (default: settings, 8192 - 2048).
 
     Raises :class:`ConfigurationError` when even the safety set does not fit.
     """

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from epicrisis.prompt.handles import HANDLE_PATTERN
 
-# Bounds that keep a complete answer inside the output reserve (1,536 tokens): about 28
+# Bounds that keep a complete answer inside the output reserve (2,048 tokens): about 28
 # sentences of 40 to 60 tokens each, JSON included.
 MAX_SENTENCE_CHARS = 400
 MAX_COURSE_SENTENCES = 12

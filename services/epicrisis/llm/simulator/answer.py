@@ -26,7 +26,7 @@ from epicrisis.prompt.schema import (
     Answer,
 )
 
-SENTENCE_CHARS = 160  # well under the schema's 400: a full answer stays inside 1,536 tokens
+SENTENCE_CHARS = 160  # well under the schema's 400: a full answer stays inside 2,048 tokens
 PER_HEADING = 3  # course sentences taken from one section, so the course spans the stay
 
 _LINE = re.compile(rf"^((?:\[{HANDLE_PATTERN}\])+)[ \t]*(\S.*)$")
