@@ -26,6 +26,7 @@ import sys
 import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
@@ -43,7 +44,9 @@ class Inputs:
     server_cpu_seconds: float = 0.12  # ingest + R4B validation at Submit (mean CPU, 2-core EPYC)
     corpus: str = "the defaults (--no-corpus)"
     # -- the model's answer --------------------------------------------------------------------
-    answer_tokens: float = 1_536  # EPICRISIS_LLM_MAX_OUTPUT_TOKENS: the budget, an upper bound
+    answer_tokens: float = 1_000  # the extractive prose in the answer schema (mean)
+    answer_tokens_p90: float = 1_300
+    max_answer_tokens: int = 2_048  # EPICRISIS_LLM_MAX_OUTPUT_TOKENS: the upper bound
     attempts: float = 1.1  # generations per job: verification failures cost another
     # -- one TGI replica: Med42-v2 70B (Llama 3 70B), bf16, --num-shard 4 ----------------------
     replica_tokens_per_second: float = 920
@@ -71,7 +74,7 @@ SOURCES = {
     "payload_bytes": "measured: encode_stay (what Submit seals into Redis) + framing",
     "result_bytes": "measured: extractive summary JSON + FHIR document + framing",
     "server_cpu_seconds": "measured here: CPU of load_stay (parse, R4B validation, gather)",
-    "answer_tokens": "assumed: the whole budget, EPICRISIS_LLM_MAX_OUTPUT_TOKENS [1]",
+    "answer_tokens": "measured: the extractive prose as the answer schema's JSON [1]",
     "attempts": "assumed: 1 answer in 10 fails verification once [2]",
     "replica_tokens_per_second": "assumed from a published benchmark [3]",
     "peak_factor": "derived from published discharge times [4]",
@@ -81,8 +84,11 @@ SOURCES = {
 }
 
 NOTES = """\
-[1] An upper bound: the simulator's answer to the sample stay is 712 tokens (bench/README.md).
-    Replace with the p50 of epicrisis_generated_tokens once the model runs on real stays.
+[1] The extractive backend writes the same three sections from the same stay; its sentences,
+    encoded as the JSON the model must return (answer schema, prompt handles as citations),
+    counted with the Llama 3 tokenizer. A proxy for Med42-v2's answer: replace it with the
+    mean of epicrisis_generated_tokens once the model runs on real stays. The last paragraph
+    gives a replica's share if every answer used EPICRISIS_LLM_MAX_OUTPUT_TOKENS.
 [2] Replace with 1 + rate(epicrisis_verification_failures_total) / rate(epicrisis_jobs_finished_total).
 [3] NVIDIA NIM LLM benchmarks (docs.nvidia.com/nim/benchmarking/llm/1.0.0/performance):
     Llama-3.3-70B-Instruct (the Llama 3 70B architecture of Med42-v2 70B) on 2 x H100 80 GB,
@@ -127,9 +133,10 @@ def measure(inputs: Inputs) -> Inputs:
     from epicrisis.pipeline import load_stay, render, summarize_stay
     from epicrisis.prompt import HFTokenizer, build_messages
     from epicrisis.stay.codec import encode_stay
+    from epicrisis.summary.extractive import extractive_prose
 
     tokenizer = HFTokenizer.from_file(tokenizer_file)
-    tokens, payloads, results, cpu = [], [], [], []
+    tokens, answers, payloads, results, cpu = [], [], [], [], []
     for path in bundles:
         data = path.read_bytes()
         started = time.process_time()
@@ -138,7 +145,9 @@ def measure(inputs: Inputs) -> Inputs:
         except EpicrisisError:  # no inpatient stay in this Bundle
             continue
         cpu.append(time.process_time() - started)
-        tokens.append(build_messages(stay, tokenizer=tokenizer).token_count)
+        prompt = build_messages(stay, tokenizer=tokenizer)
+        tokens.append(prompt.token_count)
+        answers.append(tokenizer.count(_answer_json(extractive_prose(stay), prompt.handles)))
         payloads.append(len(encode_stay(stay)) + 100)  # + options, AES-GCM header and tag
         summary = summarize_stay(stay)
         record = {
@@ -152,6 +161,8 @@ def measure(inputs: Inputs) -> Inputs:
         inputs,
         prompt_tokens_mean=statistics.fmean(tokens),
         prompt_tokens_p90=statistics.quantiles(tokens, n=10)[-1],
+        answer_tokens=statistics.fmean(answers),
+        answer_tokens_p90=statistics.quantiles(answers, n=10)[-1],
         payload_bytes=statistics.fmean(payloads),
         result_bytes=statistics.fmean(results),
         server_cpu_seconds=statistics.fmean(cpu),
@@ -159,14 +170,35 @@ def measure(inputs: Inputs) -> Inputs:
     )
 
 
+def _answer_json(prose: Any, handles: Any) -> str:
+    """The extractive prose as the model is asked to write it: the answer schema's JSON,
+    each sentence citing prompt handles (``O12``) instead of references."""
+    import orjson
+
+    def sentences(items: list[Any]) -> list[dict[str, Any]]:
+        return [
+            {"text": s.text, "cites": [handles.handle(ref) or "O1" for ref in s.sources] or ["E1"]}
+            for s in items
+        ]
+
+    return orjson.dumps(
+        {
+            "hospital_course": sentences(prose.hospital_course),
+            "discharge_instructions": sentences(prose.discharge_instructions),
+            "follow_up": sentences(prose.follow_up),
+        }
+    ).decode()
+
+
 def replica_jobs_per_second(i: Inputs) -> float:
     return i.replica_tokens_per_second / (i.answer_tokens * i.attempts)
 
 
 def kv_sequences(i: Inputs) -> int:
-    """Sequences of p90 prompt + full answer that one replica's KV cache holds at once."""
+    """Sequences of p90 prompt + the answer budget (what TGI reserves) that one replica's KV
+    cache holds at once."""
     free = i.gpus_per_replica * i.gpu_memory_gb * (1 - i.memory_reserved) - i.weights_gb
-    return int(free * 1e9 / i.kv_bytes_per_token / (i.prompt_tokens_p90 + i.answer_tokens))
+    return int(free * 1e9 / i.kv_bytes_per_token / (i.prompt_tokens_p90 + i.max_answer_tokens))
 
 
 def redis_gib(i: Inputs, per_day: float) -> float:
@@ -223,10 +255,10 @@ def markdown(i: Inputs, plans: list[Plan]) -> str:
         "",
         f"One replica: {rate:.2f} jobs/s at full batch ({rate * DAY:,.0f} a day flat out). Its KV "
         f"cache ({i.gpus_per_replica} x {i.gpu_memory_gb:g} GB, less {i.memory_reserved:.0%} and "
-        f"{i.weights_gb:g} GB of weights) holds ~{seqs} sequences of p90 prompt + full answer, "
+        f"{i.weights_gb:g} GB of weights) holds ~{seqs} sequences of p90 prompt + the answer budget, "
         f"so ~{seqs} generate at once and TGI queues the rest of its --max-concurrent-requests; "
         f"each then writes ~{i.replica_tokens_per_second / seqs:.0f} tokens/s, "
-        f"{i.answer_tokens * seqs / i.replica_tokens_per_second:.0f} s for a full answer "
+        f"{i.answer_tokens * seqs / i.replica_tokens_per_second:.0f} s for a mean answer "
         "(EPICRISIS_LLM_TIMEOUT_SECONDS is 180).",
         "",
         "## Plan",
@@ -254,20 +286,18 @@ def markdown(i: Inputs, plans: list[Plan]) -> str:
         "| part | discharges/day |",
         "| --- | ---: |",
     ]
-    for part, jobs_per_second in sorted(per_unit.items(), key=lambda kv: kv[1]):
-        out.append(f"| {part} | {jobs_per_second * DAY / i.peak_factor:,.0f} |")
     fixed = redis_gib(i, 0)
     per_job = (redis_gib(i, DAY) - fixed) / DAY
-    out.append(
-        f"| Redis of {i.redis_gib:g} GiB (results kept {i.job_ttl_seconds / 3600:g} h) "
-        f"| {(i.redis_gib - fixed) / per_job:,.0f} |"
-    )
+    per_unit_days = {part: rate * DAY / i.peak_factor for part, rate in per_unit.items()}
+    redis_part = f"Redis of {i.redis_gib:g} GiB (results kept {i.job_ttl_seconds / 3600:g} h)"
+    redis_days = (i.redis_gib - fixed) / per_job
+    for part, days in sorted(
+        {**per_unit_days, redis_part: redis_days}.items(), key=lambda kv: kv[1]
+    ):
+        out.append(f"| {part} | {days:,.0f} |")
     out += [
         "",
-        "GPUs bind first and dominate the cost at every volume. Worker and server CPU stay "
-        "small. Redis grows with the results kept for the job TTL: a backfill that fetches "
-        "each result as it finishes (`epicrisis submit` does) can run with "
-        "EPICRISIS_JOB_TTL_SECONDS of an hour or two, which divides that memory accordingly.",
+        _verdict(i, plans, {**per_unit_days, redis_part: redis_days}),
         "",
         "## Sources",
         "",
@@ -276,6 +306,34 @@ def markdown(i: Inputs, plans: list[Plan]) -> str:
         "```",
     ]
     return "\n".join(out) + "\n"
+
+
+def _verdict(i: Inputs, plans: list[Plan], per_unit: dict[str, float]) -> str:
+    """Which part limits first as the volume grows, in words, from the figures above."""
+    order = sorted(per_unit.items(), key=lambda kv: kv[1])
+    (first, first_day), (second, second_day) = order[0], order[1]
+    budget = replace(i, answer_tokens=i.max_answer_tokens)
+    at_budget = replica_jobs_per_second(budget) * i.utilisation * DAY / i.peak_factor
+    redis = next(part for part in per_unit if part.startswith("Redis"))
+    over = [p for p in plans if p.redis_gib > i.redis_gib]
+    text = (
+        f"{first} limits first at every volume: one carries {first_day:,.0f} discharges a "
+        f"day ({at_budget:,.0f} if every answer used the {i.max_answer_tokens:,}-token "
+        f"budget), {second_day / first_day:.0f} times less than the next part, {second}. "
+        "Replicas scale out, and so do worker and server processes, which stay small beside "
+        f"them. {redis} is one instance holding every result for the job TTL "
+        f"({i.job_ttl_seconds / 3600:g} h), so it is the first part that cannot simply be "
+        "added to"
+    )
+    if over:
+        text += (
+            f": the row '{over[0].label}' needs {over[0].redis_gib:,.0f} GiB. A backfill "
+            "should fetch each result as it finishes (`epicrisis submit` does) and run with "
+            "EPICRISIS_JOB_TTL_SECONDS of an hour or two, which divides that memory by 12 to 24."
+        )
+    else:
+        text += "; no volume here fills it."
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -299,8 +357,8 @@ def main(argv: list[str] | None = None) -> int:
             type=int if kind == "int" else float,
             default=getattr(defaults, name),
         )
-    parser.add_argument("--backfill-stays", type=float, default=10e6)
-    parser.add_argument("--backfill-days", type=float, default=30)
+    parser.add_argument("--backfill-stays", type=float, default=350e6)  # ten national years
+    parser.add_argument("--backfill-days", type=float, default=365)
     parser.add_argument("--no-corpus", action="store_true", help="use the stated defaults")
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in fields(Inputs) if hasattr(args, f.name)}
@@ -312,13 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         ("hospital", 500),
         ("health system", 5_000),
         ("region", 50_000),
+        ("nation (35 M discharges a year)", 96_000),
     ]
     plans = [plan(inputs, label, n, inputs.peak_factor, inputs.utilisation) for label, n in volumes]
     stays, days = args.backfill_stays, args.backfill_days
     plans.append(
         plan(
             inputs,
-            f"backfill: {stays / 1e6:g} M stays in {days:g} days",
+            f"national backfill: {stays / 1e6:g} M stays in {days:g} days",
             stays / days,
             1.0,
             inputs.backfill_utilisation,

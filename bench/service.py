@@ -50,8 +50,10 @@ SAMPLE = Path(epicrisis.__file__).resolve().parent / "samples" / "sample-stay.js
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fhir"
 LEVELS = (1, 16, 64)  # concurrent callers
 REQUESTS_PER_LEVEL = 128
+OVERHEAD_REPEATS = 3
+DIRECT = "direct call (in process)"
+QUEUED = "queued (Redis, 1 worker)"
 LEVEL_SECONDS = 20.0  # no new request after this long at one level
-DIRECT_REPEAT = 32
 EMBEDDED_CONCURRENCY = 4
 SLOTS = 128  # max_concurrent_requests of each simulator
 TOKEN_SECONDS = 0.05  # 20 tokens/s a sequence at a full batch: see markdown()
@@ -61,6 +63,8 @@ SUBMITTERS = 8  # concurrent Submit calls while the backlog is queued
 SATURATION_SECONDS = 240.0  # bound on one saturation run, from the worker's start
 SAMPLE_SECONDS = 0.1
 GOAL = 0.95
+GOAL_CALLERS = 16
+GOAL_OVERHEAD_MS = 10.0
 CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
 LLM = pb.SummaryOptions(backend=pb.BACKEND_LLM)
 
@@ -84,10 +88,10 @@ class Level:
 
 @dataclass
 class Overhead:
-    """Direct in-process calls and each deployment at each level, from the same run."""
+    """Per path, per repeat, one Level per number of callers; all from the same run, the
+    paths taking turns within each repeat so that drift hits them alike."""
 
-    direct_ms: list[float]
-    modes: dict[str, list[Level]]
+    runs: dict[str, list[list[Level]]]  # path -> repeats -> levels (the first path is direct)
 
 
 def _percentile(values: list[float], pct: int) -> float:
@@ -97,17 +101,39 @@ def _percentile(values: list[float], pct: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
 
 
-async def _direct(sim_url: str, data: bytes, repeat: int) -> list[float]:
-    """What a job does, in this process: Bundle to stay, the model's summary, the document."""
-    out = []
+async def _direct_level(sim_url: str, data: bytes, callers: int, total: int) -> Level:
+    """What a job does, called in this process by ``callers`` loops sharing ``total`` calls:
+    Bundle to stay, the model's summary, the document. CPU work runs in threads as in the
+    servers, so the event loop keeps the model requests flowing."""
+    latencies: list[float] = []
+    errors = 0
+    issued = 0
     async with EndpointPool([sim_url]) as pool:
-        for attempt in range(repeat + 1):
-            start = time.perf_counter()
-            summary = await llm_summary(load_stay(data), pool)
-            render_fhir(summary, version=epicrisis.__version__)
-            if attempt:  # the first warms the pool (/info) and the caches
-                out.append((time.perf_counter() - start) * 1000)
-    return out
+        for _ in range(3):  # warm the pool (/info) and the caches
+            await _one_direct(pool, data)
+        started = time.perf_counter()
+        cutoff = started + LEVEL_SECONDS
+
+        async def caller() -> None:
+            nonlocal issued, errors
+            while issued < total and time.perf_counter() < cutoff:
+                issued += 1
+                t0 = time.perf_counter()
+                if await _one_direct(pool, data):
+                    latencies.append((time.perf_counter() - t0) * 1000)
+                else:
+                    errors += 1
+
+        await asyncio.gather(*(caller() for _ in range(callers)))
+    return Level(callers, latencies, errors, time.perf_counter() - started)
+
+
+async def _one_direct(pool: EndpointPool, data: bytes) -> bool:
+    """One summary as the service makes it; False for a fallback answer."""
+    stay = await asyncio.to_thread(load_stay, data)
+    summary = await llm_summary(stay, pool)
+    await asyncio.to_thread(render_fhir, summary, version=epicrisis.__version__)
+    return not summary.provenance.fallback
 
 
 async def _level(
@@ -153,20 +179,31 @@ async def _serve_levels(
 def measure_overhead(
     levels: tuple[int, ...] = LEVELS,
     requests_per_level: int = REQUESTS_PER_LEVEL,
-    direct_repeat: int = DIRECT_REPEAT,
+    repeats: int = OVERHEAD_REPEATS,
 ) -> Overhead:
-    """Direct calls first, then the embedded server, then the queued deployment."""
+    """Direct calls, the embedded server and the queued deployment, in turns, ``repeats`` times."""
     data = SAMPLE.read_bytes()
     concurrency = {"EPICRISIS_EMBEDDED_CONCURRENCY": str(EMBEDDED_CONCURRENCY)}
-    with embedded(env=concurrency) as (target, sims):
-        direct = asyncio.run(_direct(sims[0], data, direct_repeat))
-        served = asyncio.run(_serve_levels(target, data, levels, requests_per_level))
-    modes = {f"embedded ({EMBEDDED_CONCURRENCY} jobs at once)": served}
-    with _queued(sims=1, sim_args=()) as running:
-        modes["queued (Redis, 1 worker)"] = asyncio.run(
-            _serve_levels(running.target, data, levels, requests_per_level)
-        )
-    return Overhead(direct, modes)
+    embedded_path = f"embedded ({EMBEDDED_CONCURRENCY} jobs at once)"
+    runs: dict[str, list[list[Level]]] = {DIRECT: [], embedded_path: [], QUEUED: []}
+    with (
+        embedded(env=concurrency) as (target, sims),
+        _queued(sims=1, sim_args=()) as running,
+    ):
+        for _ in range(repeats):
+            runs[DIRECT].append(
+                [
+                    asyncio.run(_direct_level(sims[0], data, callers, requests_per_level))
+                    for callers in levels
+                ]
+            )
+            runs[embedded_path].append(
+                asyncio.run(_serve_levels(target, data, levels, requests_per_level))
+            )
+            runs[QUEUED].append(
+                asyncio.run(_serve_levels(running.target, data, levels, requests_per_level))
+            )
+    return Overhead(runs)
 
 
 @contextlib.contextmanager
@@ -352,26 +389,61 @@ def measure_saturation(endpoints: int, bound: float = SATURATION_SECONDS) -> Sat
 # -- markdown ----------------------------------------------------------------------------
 
 
+def _median_spread(values: list[float], sign: bool = False) -> str:
+    form = "{:+.1f}" if sign else "{:.1f}"
+    middle, low, high = statistics.median(values), min(values), max(values)
+    return f"{form.format(middle)} ({form.format(low)} to {form.format(high)})"
+
+
 def _overhead_markdown(o: Overhead) -> str:
-    direct_p50 = statistics.median(o.direct_ms)
+    """Per path and number of callers: medians over the repeats (min to max), and the
+    served minus direct figures paired within each repeat."""
     lines = [
-        "| path | callers | requests | p50 ms | p99 ms | jobs/s | p50 - direct p50 ms | errors |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-        f"| direct call | 1 | {len(o.direct_ms)} | {direct_p50:.1f} "
-        f"| {_percentile(o.direct_ms, 99):.1f} | {1000 / direct_p50:.1f} | - | - |",
+        "| path | callers | requests | p50 ms | p99 ms | jobs/s | p50 - direct p50 ms "
+        "| p99 - direct p99 ms | errors |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for mode, levels in o.modes.items():
-        for level in levels:
-            if not level.latencies_ms:
-                lines.append(f"| {mode} | {level.callers} | 0 | - | - | - | - | {level.errors} |")
+    direct = o.runs[DIRECT]
+    verdicts = []
+    for path, repeats in o.runs.items():
+        for index, callers in enumerate(level.callers for level in repeats[0]):
+            levels = [run[index] for run in repeats]
+            done = [(run_no, lv) for run_no, lv in enumerate(levels) if lv.latencies_ms]
+            errors = sum(lv.errors for lv in levels)
+            if not done:
+                lines.append(f"| {path} | {callers} | 0 | - | - | - | - | - | {errors} |")
                 continue
-            p50 = statistics.median(level.latencies_ms)
+            p50 = [statistics.median(lv.latencies_ms) for _, lv in done]
+            p99 = [_percentile(lv.latencies_ms, 99) for _, lv in done]
+            extra = ["-", "-"]
+            if path != DIRECT:
+                pairs = [(lv, direct[run_no][index]) for run_no, lv in done]
+                pairs = [(lv, base) for lv, base in pairs if base.latencies_ms]
+                if pairs:
+                    over50 = [
+                        statistics.median(lv.latencies_ms) - statistics.median(b.latencies_ms)
+                        for lv, b in pairs
+                    ]
+                    over99 = [
+                        _percentile(lv.latencies_ms, 99) - _percentile(b.latencies_ms, 99)
+                        for lv, b in pairs
+                    ]
+                    extra = [_median_spread(over50, True), _median_spread(over99, True)]
+                    if callers == GOAL_CALLERS:
+                        middle = statistics.median(over50)
+                        verdicts.append(
+                            f"{path}: p50 {middle:+.1f} ms against the direct call at "
+                            f"{GOAL_CALLERS} callers ("
+                            f"{'meets' if middle <= GOAL_OVERHEAD_MS else 'misses'} the goal of "
+                            f"at most +{GOAL_OVERHEAD_MS:g} ms; p99 {statistics.median(over99):+.1f} ms)"
+                        )
+            requests = sum(len(lv.latencies_ms) for _, lv in done)
+            rate = statistics.median(lv.jobs_per_second for _, lv in done)
             lines.append(
-                f"| {mode} | {level.callers} | {len(level.latencies_ms)} | {p50:.1f} "
-                f"| {_percentile(level.latencies_ms, 99):.1f} | {level.jobs_per_second:.1f} "
-                f"| {p50 - direct_p50:+.1f} | {level.errors} |"
+                f"| {path} | {callers} | {requests} | {_median_spread(p50)} | {_median_spread(p99)} "
+                f"| {rate:.1f} | {extra[0]} | {extra[1]} | {errors} |"
             )
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n\n" + "; ".join(verdicts) + ".\n"
 
 
 def _saturation_markdown(runs: list[Saturation]) -> str:
@@ -422,15 +494,19 @@ def markdown() -> str:
     return (
         _overhead_markdown(overhead)
         + "\n"
-        + f"Direct: `load_stay`, `llm_summary` and `render_fhir` in the benchmark's process on "
-        f"{SAMPLE.name} ({SAMPLE.stat().st_size / 1e6:.2f} MB), one call at a time, median of "
-        f"{len(overhead.direct_ms)}, against a simulator that answers at once (`epicrisis "
-        "tgi-sim`, no latency). Served: `Summarize` over loopback gRPC with the LLM backend "
-        "and the same kind of simulator, each part its own process; up to "
-        f"{REQUESTS_PER_LEVEL} requests per level. Beyond one caller the latency is mostly "
-        "waiting for CPU (2 cores for the simulator, the server, Redis, the worker and "
-        "the callers): jobs/s is the figure to compare with the direct calls per second. "
-        "An error is a failed call or a fallback answer.\n\n"
+        + "Direct: `load_stay`, `llm_summary` and `render_fhir` called in the benchmark's "
+        f"process on {SAMPLE.name} ({SAMPLE.stat().st_size / 1e6:.2f} MB) by as many "
+        "concurrent callers (asyncio tasks; the CPU parts in threads, as in the servers) as "
+        "the served rows, against a simulator that answers at once (`epicrisis tgi-sim`, no "
+        "latency). Served: `Summarize` over loopback gRPC from grpc.aio callers, the LLM "
+        "backend and the same kind of simulator, each part its own process; up to "
+        f"{REQUESTS_PER_LEVEL} requests per level. The three paths take turns, "
+        f"{OVERHEAD_REPEATS} times; figures are the median over the repeats (min to max). "
+        "Overhead is the served p50 (p99) minus the direct p50 (p99) at the same number of "
+        "callers in the same repeat: on 2 cores, beyond one caller both are mostly waiting "
+        "for CPU, and only the same offered load compares (the served paths spread over "
+        "several processes, the direct one is held to one core by the GIL). An error is a "
+        "failed call or a fallback answer.\n\n"
         f"Saturation: {SLOTS}-slot simulators (first token {FIRST_TOKEN_SECONDS:g} s, "
         f"{TOKEN_SECONDS:g} s per token: about 20 tokens/s per sequence at a full batch, "
         "an assumption for Med42-v2 70B on one 4-GPU TGI replica; the sample's answer is "
