@@ -43,6 +43,7 @@ class Inputs:
     result_bytes: float = 42_000  # sealed job record: summary JSON + FHIR document (mean)
     server_cpu_seconds: float = 0.12  # ingest + R4B validation at Submit (mean CPU, 2-core EPYC)
     corpus: str = "the defaults (--no-corpus)"
+    given: tuple[str, ...] = ()  # inputs set on the command line
     # -- the model's answer --------------------------------------------------------------------
     answer_tokens: float = 1_000  # the extractive prose in the answer schema (mean)
     answer_tokens_p90: float = 1_300
@@ -248,7 +249,8 @@ def markdown(i: Inputs, plans: list[Plan]) -> str:
         "kv_bytes_per_token": f"{i.kv_bytes_per_token / 2**10:,.0f} KiB",
     }
     for name, value in shown.items():
-        out.append(f"| {name} | {value} | {SOURCES[name]} |")
+        source = "given on the command line" if name in i.given else SOURCES[name]
+        out.append(f"| {name} | {value} | {source} |")
     rate = replica_jobs_per_second(i)
     seqs = kv_sequences(i)
     out += [
@@ -336,6 +338,31 @@ def _verdict(i: Inputs, plans: list[Plan], per_unit: dict[str, float]) -> str:
     return text
 
 
+def report(inputs: Inputs | None = None, stays: float = 350e6, days: float = 365) -> str:
+    """The plan for the standard volumes and a backfill of ``stays`` in ``days``, as markdown
+    (inputs measured on the corpus when none are given)."""
+    if inputs is None:
+        inputs = measure(Inputs())
+    volumes = [
+        ("small hospital", 50),
+        ("hospital", 500),
+        ("health system", 5_000),
+        ("region", 50_000),
+        ("nation (35 M discharges a year)", 96_000),
+    ]
+    plans = [plan(inputs, label, n, inputs.peak_factor, inputs.utilisation) for label, n in volumes]
+    plans.append(
+        plan(
+            inputs,
+            f"national backfill: {stays / 1e6:g} M stays in {days:g} days",
+            stays / days,
+            1.0,
+            inputs.backfill_utilisation,
+        )
+    )
+    return markdown(inputs, plans)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     defaults = Inputs()
@@ -363,27 +390,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in fields(Inputs) if hasattr(args, f.name)}
     inputs = replace(defaults, **given)
-    if not args.no_corpus:
-        inputs = measure(inputs)
-    volumes = [
-        ("small hospital", 50),
-        ("hospital", 500),
-        ("health system", 5_000),
-        ("region", 50_000),
-        ("nation (35 M discharges a year)", 96_000),
-    ]
-    plans = [plan(inputs, label, n, inputs.peak_factor, inputs.utilisation) for label, n in volumes]
-    stays, days = args.backfill_stays, args.backfill_days
-    plans.append(
-        plan(
-            inputs,
-            f"national backfill: {stays / 1e6:g} M stays in {days:g} days",
-            stays / days,
-            1.0,
-            inputs.backfill_utilisation,
-        )
-    )
-    sys.stdout.write(markdown(inputs, plans))
+    if not args.no_corpus:  # measured figures, except those given on the command line
+        chosen = {k: v for k, v in given.items() if v != getattr(defaults, k)}
+        inputs = replace(measure(inputs), **chosen, given=tuple(chosen))
+    sys.stdout.write(report(inputs, args.backfill_stays, args.backfill_days))
     return 0
 
 

@@ -20,12 +20,14 @@ from pydantic import ValidationError
 from epicrisis.errors import StayError
 from epicrisis.fhir import ingest
 from epicrisis.pipeline import build_prompt
-from epicrisis.prompt import HFTokenizer
+from epicrisis.prompt import DEFAULT_MAX_INPUT_TOKENS, HFTokenizer, linearize
+from epicrisis.prompt.budget import line_costs, safety_tokens
 from epicrisis.stay import gather_stay
 from epicrisis.stay.context import Stay
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DROP = frozenset({"meta", "identifier", "text"})
+TOKEN_GOAL = 6_144
 
 
 @dataclass
@@ -37,6 +39,8 @@ class Row:
     validates: bool
     ours_ms: list[float]
     prompt_tokens: int
+    safety_tokens: int  # the safety set's lines alone (never cut)
+    safety_whole: bool  # every safety line is in the prompt, word for word
     stay_json_tokens: int
     slim_json_tokens: int
 
@@ -101,6 +105,8 @@ def measure(paths: list[Path], repeat: int = 5) -> list[Row]:
         entries = {e.local_ref: e.resource for e in ingest(data).entries}
         resources = [entries[r] for r in sorted(_stay_refs(stay)) if r in entries]
         prompt = build_prompt(data, tokenizer=tokenizer)
+        lines = linearize(stay).lines
+        safety = [line for line in lines if line.safety]
         rows.append(
             Row(
                 name=path.stem[:32],
@@ -110,6 +116,8 @@ def measure(paths: list[Path], repeat: int = 5) -> list[Row]:
                 validates=_validate_whole(data),
                 ours_ms=_times(lambda d=data: build_prompt(d, tokenizer=tokenizer), repeat),
                 prompt_tokens=prompt.token_count,
+                safety_tokens=safety_tokens(lines, line_costs(lines, tokenizer)),
+                safety_whole=all(line.text in prompt.user for line in safety),
                 stay_json_tokens=sum(
                     tokenizer.count_batch([orjson.dumps(r).decode() for r in resources])
                 ),
@@ -128,14 +136,16 @@ def _spread(values: list[float]) -> str:
 def markdown(rows: list[Row]) -> str:
     lines = [
         "| Bundle | MB | orjson parse ms | whole-Bundle R4B validation ms | ingest + prompt ms "
-        "| ÷ validation | ÷ parse | prompt tokens | stay as JSON | slimmed JSON |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ÷ validation | ÷ parse | prompt tokens | safety set tokens (whole) | stay as JSON "
+        "| slimmed JSON |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in sorted(rows, key=lambda r: -r.megabytes):
         valid = "" if r.validates else " (fails)"
         lines.append(
             f"| {r.name} | {r.megabytes:.2f} | {_spread(r.parse_ms)} | {_spread(r.validate_ms)}{valid} "
             f"| {_spread(r.ours_ms)} | {r.vs_validation:.3f} | {r.vs_parse:.1f} | {r.prompt_tokens:,} "
+            f"| {r.safety_tokens:,} ({'yes' if r.safety_whole else 'NO'}) "
             f"| {r.stay_json_tokens:,} | {r.slim_json_tokens:,} |"
         )
     big = [r for r in rows if 2.0 <= r.megabytes <= 4.0]
@@ -148,13 +158,57 @@ def markdown(rows: list[Row]) -> str:
             f"{statistics.median(r.vs_parse for r in big):.1f}× the orjson parse "
             f"(worst {max(r.vs_parse for r in big):.1f}×)."
         )
+    largest = max(r.prompt_tokens for r in rows)
+    whole = sum(r.safety_whole for r in rows)
+    within = largest <= TOKEN_GOAL and whole == len(rows)
     summary.append(
         f"All {len(rows)} stays: median prompt {statistics.median(r.prompt_tokens for r in rows):,.0f} "
-        f"tokens (max {max(r.prompt_tokens for r in rows):,}) against a median of "
-        f"{statistics.median(r.stay_json_tokens for r in rows):,.0f} tokens for the stay's resources "
-        f"as JSON and {statistics.median(r.slim_json_tokens for r in rows):,.0f} slimmed."
+        f"tokens (max {largest:,}; the default budget is {DEFAULT_MAX_INPUT_TOKENS:,}) against a "
+        f"median of {statistics.median(r.stay_json_tokens for r in rows):,.0f} tokens for the "
+        f"stay's resources as JSON ({statistics.median(r.stay_json_tokens / r.prompt_tokens for r in rows):.0f}× "
+        f"the prompt) and {statistics.median(r.slim_json_tokens for r in rows):,.0f} slimmed "
+        f"({statistics.median(r.slim_json_tokens / r.prompt_tokens for r in rows):.0f}×). The safety "
+        f"set is whole in {whole} of {len(rows)} prompts (its largest: "
+        f"{max(r.safety_tokens for r in rows):,} tokens): "
+        f"{'meets' if within else 'misses'} the goal of every stay within {TOKEN_GOAL:,} tokens "
+        "with the safety set whole."
     )
     return "\n".join(lines) + "\n\n" + "\n\n".join(summary) + "\n"
+
+
+def plot(rows: list[Row], path: Path) -> None:
+    """Two panels: time against Bundle size for the three paths, and tokens per stay."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    by_size = sorted(rows, key=lambda r: r.megabytes)
+    sizes = [r.megabytes for r in by_size]
+    for label, values, marker in (
+        ("whole-Bundle R4B validation", [r.validate_ms for r in by_size], "s"),
+        ("ingest + prompt", [r.ours_ms for r in by_size], "o"),
+        ("orjson parse", [r.parse_ms for r in by_size], "^"),
+    ):
+        left.scatter(sizes, [statistics.median(v) for v in values], label=label, marker=marker)
+    left.axvspan(2.0, 4.0, color="grey", alpha=0.12, label="2 to 4 MB (the goal's range)")
+    left.set(xlabel="Bundle size (MB)", ylabel="ms (median)", yscale="log",
+             title="Ingest + prompt against its baselines")  # fmt: skip
+    left.legend(fontsize=8)
+    by_json = sorted(rows, key=lambda r: r.stay_json_tokens)
+    x = range(len(by_json))
+    right.plot(x, [r.stay_json_tokens for r in by_json], "s-", label="stay's resources as JSON")
+    right.plot(x, [r.slim_json_tokens for r in by_json], "^-", label="slimmed JSON")
+    right.plot(x, [r.prompt_tokens for r in by_json], "o-", label="prompt")
+    right.plot(x, [r.safety_tokens for r in by_json], ".-", label="safety set in the prompt")
+    right.axhline(TOKEN_GOAL, color="red", linestyle="--", label=f"goal: {TOKEN_GOAL:,}")
+    right.set(xlabel="stays, by JSON size", ylabel="Llama 3 tokens", yscale="log",
+              title="Prompt tokens per stay")  # fmt: skip
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

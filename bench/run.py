@@ -10,7 +10,9 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import capacity
 import ingest_prompt  # bench/ is on sys.path when run as `python bench/run.py`
+import memory
 import reference_coverage
 import service
 
@@ -25,12 +27,14 @@ def machine() -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
+    gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = ", ".join(
         f"{name} {metadata.version(name)}"
         for name in ("fhir.resources", "orjson", "tokenizers", "pydantic")
     )
     return (
-        f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()} on {platform.system()}; "
+        f"{cpu}, {os.cpu_count()} cores, {gib:.0f} GiB, Python {platform.python_version()} on "
+        f"{platform.system()}; "
         f"{versions}"
     )
 
@@ -42,9 +46,13 @@ def main() -> None:
     files = sorted((ingest_prompt.SHARED / "fhir" / "synthea-r4").glob("*.json")) + sorted(
         (ingest_prompt.SHARED / "fhir" / "clinosim").glob("*.json")
     )
-    speed = ingest_prompt.markdown(ingest_prompt.measure(files, repeat=5))
+    rows = ingest_prompt.measure(files, repeat=5)
+    ingest_prompt.plot(rows, HERE / "ingest-prompt.png")
+    speed = ingest_prompt.markdown(rows)
     covered = reference_coverage.markdown()
-    served = service.markdown()
+    served = service.markdown(plot_to=HERE / "service.png")
+    held = memory.markdown()
+    planned = capacity.report().replace("\n## ", "\n### ")
     text = f"""# Benchmarks
 
 Written by `python bench/run.py` ({started}) on: {machine()}.
@@ -63,6 +71,8 @@ resources (every resource the stay cites) as JSON, whole and slimmed of meta, id
 narrative and references.
 
 {speed}
+![Ingest + prompt time against Bundle size beside its baselines; prompt tokens per stay](ingest-prompt.png)
+
 ## Coverage against clinosim's own discharge summaries
 
 `shared/data/fhir/clinosim-reference/` holds the discharge summaries (LOINC 18842-5 and
@@ -79,7 +89,17 @@ medications.
 {covered}
 ## The service: overhead and backend saturation
 
-{served}"""
+{served}
+![Summarize latency against callers; slots busy over time under a backlog](service.png)
+
+## Memory per job in flight
+
+{held}
+## Capacity: discharges a day to TGI replicas and GPUs
+
+`python bench/capacity.py` (options: `--help`) prints this on its own, with other inputs.
+
+{planned}"""
     # bench/soak.py runs apart (10,000 jobs, about 15 minutes) and leaves its section here
     soak = HERE / "soak.md"
     if soak.is_file():

@@ -487,10 +487,48 @@ def _saturation_markdown(runs: list[Saturation]) -> str:
     return text
 
 
-def markdown() -> str:
-    """Both measurements, run now, as markdown (tables and a one-line verdict)."""
+def plot(overhead: Overhead, runs: list[Saturation], path: Path) -> None:
+    """Latency against callers per path (p50 and p99, medians over the repeats), and the
+    slots busy over time in each saturation run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for path_name, repeats in overhead.runs.items():
+        callers = [level.callers for level in repeats[0]]
+        for pct, style in ((50, "o-"), (99, "x--")):
+            values = [
+                statistics.median(
+                    _percentile(run[i].latencies_ms, pct) for run in repeats if run[i].latencies_ms
+                )
+                for i in range(len(callers))
+            ]
+            left.plot(callers, values, style, label=f"{path_name}, p{pct}")
+    left.set(xscale="log", yscale="log", xlabel="concurrent callers", ylabel="ms",
+             title="Summarize latency against the direct call")  # fmt: skip
+    left.set_xticks(list(LEVELS), [str(n) for n in LEVELS])
+    left.legend(fontsize=7)
+    for run in runs:
+        right.plot([t for t, _ in run.samples], [n / run.slots for _, n in run.samples],
+                   label=f"{run.endpoints} endpoint(s), {run.slots} slots")  # fmt: skip
+    right.axhline(GOAL, color="red", linestyle="--", label=f"goal: {GOAL}")
+    right.set(xlabel="seconds since the worker started", ylabel="share of the slots busy",
+              ylim=(0, 1.05), title="Backend saturation under a backlog")  # fmt: skip
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(plot_to: Path | None = None) -> str:
+    """Both measurements, run now, as markdown (tables and a one-line verdict); with
+    ``plot_to``, their picture as a PNG there too."""
     overhead = measure_overhead()
     runs = [measure_saturation(1), measure_saturation(2)]
+    if plot_to is not None:
+        plot(overhead, runs, plot_to)
     return (
         _overhead_markdown(overhead)
         + "\n"
