@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import statistics
 import sys
@@ -182,6 +183,7 @@ def measure_overhead(
     repeats: int = OVERHEAD_REPEATS,
 ) -> Overhead:
     """Direct calls, the embedded server and the queued deployment, in turns, ``repeats`` times."""
+    gc.freeze()  # as `epicrisis serve` and `epicrisis worker` do after start: a like baseline
     data = SAMPLE.read_bytes()
     concurrency = {"EPICRISIS_EMBEDDED_CONCURRENCY": str(EMBEDDED_CONCURRENCY)}
     embedded_path = f"embedded ({EMBEDDED_CONCURRENCY} jobs at once)"
