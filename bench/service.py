@@ -36,6 +36,7 @@ import aiohttp
 import grpc
 
 import epicrisis
+from epicrisis.cli import YOUNG_COLLECTION_THRESHOLD
 from epicrisis.errors import StayError
 from epicrisis.llm.backend import llm_summary
 from epicrisis.llm.pool import EndpointPool
@@ -183,7 +184,9 @@ def measure_overhead(
     repeats: int = OVERHEAD_REPEATS,
 ) -> Overhead:
     """Direct calls, the embedded server and the queued deployment, in turns, ``repeats`` times."""
-    gc.freeze()  # as `epicrisis serve` and `epicrisis worker` do after start: a like baseline
+    # as `epicrisis serve` and `epicrisis worker` do after start: a like baseline
+    gc.freeze()
+    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
     data = SAMPLE.read_bytes()
     concurrency = {"EPICRISIS_EMBEDDED_CONCURRENCY": str(EMBEDDED_CONCURRENCY)}
     embedded_path = f"embedded ({EMBEDDED_CONCURRENCY} jobs at once)"
