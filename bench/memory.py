@@ -435,14 +435,32 @@ def plot(results: list[Result], path: Path = PLOT) -> bool:
     return True
 
 
-def markdown() -> str:
-    """Every run, now, as markdown (a table, a verdict, how it was measured); writes the PNG."""
+def measure_all() -> tuple[list[Result], float]:
+    """Every run, now: the sample stay and (with the corpus) its largest; and the seconds."""
     started = time.monotonic()
     results = [measure("sample stay", SAMPLE, LEVELS)]
     if LARGE.is_file():
         results.append(measure(LARGE.stem, LARGE, LARGE_LEVELS))
+    return results, time.monotonic() - started
+
+
+def glance(results: list[Result]) -> tuple[str, str, bool]:
+    """The goal's row for bench/README.md's summary: (figure, baseline, met)."""
+    beyond = [max(r.slopes("total")) - r.bundle_bytes for r in results]
+    figure = "; ".join(
+        f"{r.label}: {(r.median('total') - r.bundle_bytes) / MB:+.2f} MB per job beyond "
+        f"its {r.bundle_bytes / MB:.2f} MB Bundle"
+        for r in results
+    )
+    return figure, "payload size", all(b <= GOAL_BYTES for b in beyond)
+
+
+def markdown(results: list[Result] | None = None, seconds: float = 0.0) -> str:
+    """The runs as markdown (a table, a verdict, how it was measured); writes the PNG.
+    Measures now when no results are given."""
+    if results is None:
+        results, seconds = measure_all()
     drawn = plot(results)
-    seconds = time.monotonic() - started
     slots = " or ".join(sorted({str(run.worker_slots) for r in results for run in r.runs}))
     notes = [f"{r.label}: {note}" for r in results for run in r.runs for note in run.notes]
     text = (

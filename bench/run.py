@@ -50,16 +50,39 @@ def main() -> None:
     ingest_prompt.plot(rows, HERE / "ingest-prompt.png")
     speed = ingest_prompt.markdown(rows)
     covered = reference_coverage.markdown()
-    served = service.markdown(plot_to=HERE / "service.png")
-    held = memory.markdown()
+    measured = service.measure_all()
+    served = service.markdown(measured, plot_to=HERE / "service.png")
+    memory_results, memory_seconds = memory.measure_all()
+    held = memory.markdown(memory_results, memory_seconds)
+    figure, baseline, met = memory.glance(memory_results)
+    goals = [
+        *ingest_prompt.glance(rows),
+        *service.glance(*measured),
+        ("memory: at most 1 MB per job in flight beyond its payload", figure, baseline, met),
+    ]
+    glance = "\n".join(
+        f"| {goal} | {baseline} | {figure} | {'met' if ok else '**missed**'} |"
+        for goal, figure, baseline, ok in goals
+    )
     planned = capacity.report().replace("\n## ", "\n### ")
     text = f"""# Benchmarks
 
 Written by `python bench/run.py` ({started}) on: {machine()}.
-Times are milliseconds, median of 5 runs after a warm-up (min-max in brackets); the
-whole-Bundle validation is the median of 2. Every ratio compares figures from the same run.
+Every ratio compares figures from the same run; each section says how it was measured.
+
+## The goals at a glance
+
+| goal | baseline (same run) | figure | |
+| --- | --- | --- | --- |
+{glance}
+
+Plots: [ingest-prompt.png](ingest-prompt.png), [service.png](service.png),
+[memory.png](memory.png). The capacity model is the last section.
 
 ## Ingest + prompt against parsing and whole-Bundle validation
+
+Times are milliseconds, median of 5 runs after a warm-up (min-max in brackets); the
+whole-Bundle validation is the median of 2.
 
 "ingest + prompt" is `epicrisis.build_prompt(bytes)` with the Llama 3 tokenizer: parse,
 shape-check every entry, select the stay, validate (R4B) every entry the summary reads,
@@ -95,6 +118,8 @@ medications.
 ## Memory per job in flight
 
 {held}
+![Memory against jobs in flight per process](memory.png)
+
 ## Capacity: discharges a day to TGI replicas and GPUs
 
 `python bench/capacity.py` (options: `--help`) prints this on its own, with other inputs.

@@ -51,7 +51,7 @@ from deployment import Deployment, deployed, embedded  # the tests' process harn
 SAMPLE = Path(epicrisis.__file__).resolve().parent / "samples" / "sample-stay.json"
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fhir"
 LEVELS = (1, 16, 64)  # concurrent callers
-REQUESTS_PER_LEVEL = 128
+REQUESTS_PER_LEVEL = 192
 OVERHEAD_REPEATS = 3
 DIRECT = "direct call (in process)"
 QUEUED = "queued (Redis, 1 worker)"
@@ -501,20 +501,32 @@ def plot(overhead: Overhead, runs: list[Saturation], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    for path_name, repeats in overhead.runs.items():
-        callers = [level.callers for level in repeats[0]]
-        for pct, style in ((50, "o-"), (99, "x--")):
-            values = [
-                statistics.median(
-                    _percentile(run[i].latencies_ms, pct) for run in repeats if run[i].latencies_ms
-                )
-                for i in range(len(callers))
+    direct = overhead.runs[DIRECT]
+    for shift, (path_name, repeats) in enumerate(overhead.runs.items()):
+        if path_name == DIRECT:
+            continue
+        xs, middles, lows, highs = [], [], [], []
+        for i, level in enumerate(repeats[0]):
+            over = [
+                statistics.median(run[i].latencies_ms) - statistics.median(base[i].latencies_ms)
+                for run, base in zip(repeats, direct, strict=True)
+                if run[i].latencies_ms and base[i].latencies_ms
             ]
-            left.plot(callers, values, style, label=f"{path_name}, p{pct}")
-    left.set(xscale="log", yscale="log", xlabel="concurrent callers", ylabel="ms",
-             title="Summarize latency against the direct call")  # fmt: skip
+            if over:
+                middle = statistics.median(over)
+                xs.append(level.callers * (1 + 0.04 * shift))  # side by side, not on top
+                middles.append(middle)
+                lows.append(middle - min(over))
+                highs.append(max(over) - middle)
+        left.errorbar(xs, middles, yerr=[lows, highs], fmt="o-", capsize=4, label=path_name)
+    left.axhline(GOAL_OVERHEAD_MS, color="red", linestyle="--",
+                 label=f"goal at {GOAL_CALLERS} callers: +{GOAL_OVERHEAD_MS:g} ms")  # fmt: skip
+    left.axhline(0, color="grey", linewidth=0.8)
+    left.set(xscale="log", yscale="symlog", xlabel="concurrent callers",
+             ylabel="served p50 - direct p50, ms (median, min to max)",
+             title="Service overhead against direct calls")  # fmt: skip
     left.set_xticks(list(LEVELS), [str(n) for n in LEVELS])
-    left.legend(fontsize=7)
+    left.legend(fontsize=8)
     for run in runs:
         right.plot([t for t, _ in run.samples], [n / run.slots for _, n in run.samples],
                    label=f"{run.endpoints} endpoint(s), {run.slots} slots")  # fmt: skip
@@ -527,11 +539,63 @@ def plot(overhead: Overhead, runs: list[Saturation], path: Path) -> None:
     plt.close(fig)
 
 
-def markdown(plot_to: Path | None = None) -> str:
-    """Both measurements, run now, as markdown (tables and a one-line verdict); with
-    ``plot_to``, their picture as a PNG there too."""
-    overhead = measure_overhead()
-    runs = [measure_saturation(1), measure_saturation(2)]
+def glance(overhead: Overhead, runs: list[Saturation]) -> list[tuple[str, str, str, bool]]:
+    """The goals' rows for bench/README.md's summary: (goal, figure, baseline, met)."""
+    index = next(i for i, lv in enumerate(overhead.runs[DIRECT][0]) if lv.callers == GOAL_CALLERS)
+    rows = []
+    for path, repeats in overhead.runs.items():
+        if path == DIRECT:
+            continue
+        over50, over99 = [], []
+        for run_no, run in enumerate(repeats):
+            served, base = run[index], overhead.runs[DIRECT][run_no][index]
+            if served.latencies_ms and base.latencies_ms:
+                over50.append(
+                    statistics.median(served.latencies_ms) - statistics.median(base.latencies_ms)
+                )
+                over99.append(
+                    _percentile(served.latencies_ms, 99) - _percentile(base.latencies_ms, 99)
+                )
+        met = bool(over50) and statistics.median(over50) <= GOAL_OVERHEAD_MS
+        figure = (
+            f"{path}: p50 {statistics.median(over50):+.1f} ms, p99 {statistics.median(over99):+.1f} ms"
+            if over50
+            else f"{path}: no successful calls"
+        )
+        rows.append(
+            (
+                f"service overhead at {GOAL_CALLERS} callers: p50 at most +{GOAL_OVERHEAD_MS:g} ms",
+                figure,
+                f"direct in-process calls at {GOAL_CALLERS} callers",
+                met,
+            )
+        )
+    shares = [r.mean_share for r in runs]
+    rows.append(
+        (
+            f"backend saturation: at least {GOAL} of the slots busy, 1 and 2 endpoints",
+            ", ".join(
+                f"{r.endpoints} endpoint(s): {'-' if s is None else f'{s:.3f}'}"
+                for r, s in zip(runs, shares, strict=True)
+            ),
+            "the slots on offer",
+            all(s is not None and s >= GOAL for s in shares),
+        )
+    )
+    return rows
+
+
+def measure_all() -> tuple[Overhead, list[Saturation]]:
+    """Both measurements, run now."""
+    return measure_overhead(), [measure_saturation(1), measure_saturation(2)]
+
+
+def markdown(
+    measured: tuple[Overhead, list[Saturation]] | None = None, plot_to: Path | None = None
+) -> str:
+    """Both measurements as markdown (tables and a one-line verdict), run now when not
+    given; with ``plot_to``, their picture as a PNG there too."""
+    overhead, runs = measured if measured is not None else measure_all()
     if plot_to is not None:
         plot(overhead, runs, plot_to)
     return (
