@@ -5,19 +5,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import secrets
 import time
+import tracemalloc
+import zlib
 from collections.abc import Callable, Coroutine, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import redis
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydantic import SecretStr
 
 from epicrisis.errors import ConfigurationError
 from epicrisis.pipeline import load_stay, summarize
+from epicrisis.serving import crypto
 from epicrisis.serving.crypto import Sealer, SealError, new_key_text
 from epicrisis.serving.jobs import (
     IdempotencyConflict,
@@ -30,11 +35,14 @@ from epicrisis.serving.jobs import (
 )
 from epicrisis.serving.redis_store import RedisJobStore
 from epicrisis.serving.workers import LlmState, WorkerStatus, ready
+from epicrisis.stay.codec import encode_stay
+from epicrisis.summary.render_fhir import render_fhir
 from redis_server import RedisServer, redis_server
 
 SAMPLE = resources.files("epicrisis.samples").joinpath("sample-stay.json").read_bytes()
 STAY = load_stay(SAMPLE)
 SENTINEL = "ZEBRA-SENTINEL"
+KEY = new_key_text()  # the sealer's, so a test can seal a value by hand in any version
 T = TypeVar("T")
 
 
@@ -58,7 +66,17 @@ def redis_url(server: RedisServer) -> str:
 
 @pytest.fixture(scope="module")
 def sealer() -> Sealer:
-    return Sealer.from_text(new_key_text())
+    return Sealer.from_text(KEY)
+
+
+def seal_by_hand(sealer: Sealer, version: int, plaintext: bytes, context: bytes) -> bytes:
+    """A value sealed with the sealer's key as crypto's format describes, in any version and
+    with any plaintext (e.g. a compressed stream ``seal`` would never write)."""
+    key_id = sealer.current.encode()
+    header = bytes((version, len(key_id))) + key_id
+    nonce = secrets.token_bytes(crypto.NONCE_BYTES)
+    cipher = AESGCM(base64.b64decode(KEY))
+    return header + nonce + cipher.encrypt(nonce, plaintext, header + context)
 
 
 def store_for(url: str, sealer: Sealer, **options: float) -> RedisJobStore:
@@ -115,6 +133,55 @@ def test_rotation_seals_with_the_first_key_and_opens_with_any() -> None:
         before.open(new_value, context=b"c")
     # A bare key gets an id derived from it, the same in every process.
     assert Sealer.from_text(old_key).current == Sealer.from_text(old_key).current
+
+
+def test_a_compressed_value_opens_and_its_version_is_authenticated(sealer: Sealer) -> None:
+    plaintext = SAMPLE  # JSON, which compresses well
+    sealed = sealer.seal(plaintext, context=b"c", compress=True)
+    assert sealed[0] == crypto.COMPRESSED_VERSION
+    assert len(sealed) * 4 < len(plaintext)
+    assert sealer.open(sealed, context=b"c") == plaintext
+    assert sealer.seal(b"", context=b"c", compress=True)[0] == crypto.COMPRESSED_VERSION
+    assert sealer.open(sealer.seal(b"", context=b"c", compress=True), context=b"c") == b""
+    plain = sealer.seal(plaintext, context=b"c")  # as the previous version sealed everything
+    assert plain[0] == crypto.VERSION and sealer.open(plain, context=b"c") == plaintext
+    # The version is in the associated data: relabelled, a value does not open as the other.
+    for value, other in ((sealed, crypto.VERSION), (plain, crypto.COMPRESSED_VERSION)):
+        with pytest.raises(SealError, match="failed authentication"):
+            sealer.open(bytes((other,)) + value[1:], context=b"c")
+    # A version this code does not know, properly sealed, is refused as before: unknown format.
+    unknown = seal_by_hand(sealer, 3, zlib.compress(plaintext), b"c")
+    with pytest.raises(SealError, match="unknown format"):
+        sealer.open(unknown, context=b"c")
+
+
+def test_a_zlib_bomb_in_a_correctly_sealed_value_is_refused_without_inflating_it(
+    sealer: Sealer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """64 MiB of zeros in a 64 kB stream, sealed with the right key and context: opening
+    stops one byte past the limit (lowered to 1 MiB here; 256 MiB in service)."""
+    monkeypatch.setattr(crypto, "MAX_PLAINTEXT_BYTES", 1 << 20)
+    deflater = zlib.compressobj(9)
+    zeros = bytes(1 << 20)
+    bomb = b"".join(deflater.compress(zeros) for _ in range(64)) + deflater.flush()
+    assert len(bomb) < 100_000
+    sealed = seal_by_hand(sealer, crypto.COMPRESSED_VERSION, bomb, b"c")
+    tracemalloc.start()
+    try:
+        with pytest.raises(SealError, match="inflates past"):
+            sealer.open(sealed, context=b"c")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20  # the limit and its buffers, not the 64 MiB
+    # A stream cut short, or followed by other bytes, does not open either.
+    whole = zlib.compress(SAMPLE)
+    for broken in (whole[:-10], whole + b"tail", b"not zlib at all"):
+        with pytest.raises(SealError, match="does not decompress"):
+            sealer.open(seal_by_hand(sealer, crypto.COMPRESSED_VERSION, broken, b"c"), context=b"c")
+    # What would not open again is not sealed.
+    with pytest.raises(SealError, match="too large to seal"):
+        sealer.seal(bytes((1 << 20) + 1), context=b"c", compress=True)
 
 
 @pytest.mark.parametrize(
@@ -280,6 +347,133 @@ def test_payload_round_trips_and_is_dropped_when_the_job_is_final(
                 await store.take_payload(record.id)
             with pytest.raises(JobNotFound):
                 await store.put_payload("0" * 32, STAY, options)
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_payload_and_record_are_stored_compressed_and_round_trip(
+    redis_url: str, sealer: Sealer
+) -> None:
+    async def scenario() -> None:
+        store = store_for(redis_url, sealer)
+        try:
+            record, _ = await store.create(idempotency_key="order-1", request_digest="d")
+            options = JobOptions(encounter_id="enc-1")
+            await store.put_payload(record.id, STAY, options)
+            with redis.Redis.from_url(redis_url) as client:
+                payload = client.get(f"epicrisis:payload:{record.id}")
+            assert payload is not None and payload[0] == crypto.COMPRESSED_VERSION
+            assert len(payload) * 4 < len(encode_stay(STAY))  # 51 kB of JSON -> about 8 kB
+            assert await store.take_payload(record.id) == (STAY, options)
+
+            summary = summarize(SAMPLE)
+            done = await store.update(
+                record.id,
+                lambda r: replace(
+                    r,
+                    state=JobState.SUCCEEDED,
+                    summary=summary,
+                    fhir_document=render_fhir(summary, version="test"),
+                    fraction=1.0,
+                ),
+            )
+            with redis.Redis.from_url(redis_url) as client:
+                stored = client.get(f"epicrisis:job:{record.id}")
+            assert stored is not None and stored[0] == crypto.COMPRESSED_VERSION
+            envelope = sealer.open(stored, context=f"epicrisis/job/{record.id}".encode())
+            assert len(stored) * 4 < len(envelope)  # 46 kB of JSON -> about 7 kB
+            assert await store.get(record.id) == done
+            again, created = await store.create(idempotency_key="order-1", request_digest="d")
+            assert again == done and not created  # the idempotency slot survived the trip
+        finally:
+            await store.aclose()
+
+    run(scenario)
+
+
+def test_values_sealed_uncompressed_by_the_previous_version_still_open(
+    redis_url: str, sealer: Sealer
+) -> None:
+    """A payload and a record as the previous version wrote them (a rolling upgrade)."""
+    summary = summarize(SAMPLE)
+    job_id = "a" * 32
+    old_record = {
+        "id": job_id,
+        "state": "running",
+        "created_at": 1.0,
+        "started_at": 2.0,
+        "finished_at": None,
+        "stage": "summarizing",
+        "fraction": 0.5,
+        "summary": summary.model_dump(mode="json"),
+        "fhir_document": "{}",
+        "error": None,
+        "owner": "caller-1",
+    }
+    envelope = json.dumps({"format": 1, "record": old_record, "idem": None}).encode()
+    options = JobOptions(encounter_id="enc-1", strict=True, max_output_tokens=512)
+    head = json.dumps({"format": 2, "options": asdict(options)}).encode()
+    with redis.Redis.from_url(redis_url) as client:
+        job_context = f"epicrisis/job/{job_id}".encode()
+        payload_context = f"epicrisis/payload/{job_id}".encode()
+        client.set(f"epicrisis:job:{job_id}", sealer.seal(envelope, context=job_context), px=60_000)
+        client.set(
+            f"epicrisis:payload:{job_id}",
+            sealer.seal(
+                len(head).to_bytes(4, "big") + head + encode_stay(STAY), context=payload_context
+            ),
+            px=60_000,
+        )
+
+    async def scenario() -> tuple[JobRecord, JobRecord, tuple[Any, ...]]:
+        store = store_for(redis_url, sealer)
+        try:
+            before = await store.get(job_id)
+            payload = await store.take_payload(job_id)
+            after = await store.update(job_id, failed)  # rewritten in the new encoding
+            return before, after, payload
+        finally:
+            await store.aclose()
+
+    before, after, payload = run(scenario)
+    assert before == JobRecord(
+        id=job_id,
+        state=JobState.RUNNING,
+        created_at=1.0,
+        started_at=2.0,
+        stage="summarizing",
+        fraction=0.5,
+        summary=summary,
+        fhir_document="{}",
+        owner="caller-1",
+    )
+    assert payload == (STAY, options)
+    assert after.state is JobState.FAILED and after.summary == summary
+    with redis.Redis.from_url(redis_url) as client:
+        stored = client.get(f"epicrisis:job:{job_id}")
+        assert stored is not None and stored[0] == crypto.COMPRESSED_VERSION
+        assert 0 < client.pttl(f"epicrisis:job:{job_id}") <= 60_000  # the TTL it had
+
+
+def test_a_value_with_an_unknown_encoding_is_refused_as_another_version(
+    redis_url: str, sealer: Sealer
+) -> None:
+    job_id = "b" * 32
+    with redis.Redis.from_url(redis_url) as client:
+        for slot in ("job", "payload"):
+            context = f"epicrisis/{slot}/{job_id}".encode()
+            value = seal_by_hand(sealer, 3, zlib.compress(b"{}"), context)
+            client.set(f"epicrisis:{slot}:{job_id}", value, px=60_000)
+
+    async def scenario() -> None:
+        store = store_for(redis_url, sealer)
+        try:
+            with pytest.raises(SealError, match="unknown format"):
+                await store.get(job_id)
+            with pytest.raises(SealError, match="unknown format"):
+                await store.take_payload(job_id)
         finally:
             await store.aclose()
 
