@@ -487,8 +487,8 @@ def markdown(results: list[Result] | None = None, seconds: float = 0.0) -> str:
         "keys are gone. The server keeps nothing of a job once `Submit` has answered; its "
         "growth is heap left by validating Bundles, which grows with Submits done rather than "
         "jobs held, so its slope here is an upper bound. Redis holds a job's stay as the "
-        "server validated it (the facts the summary reads, as JSON, sealed with AES-256-GCM, "
-        "not compressed), not the Bundle: the 'sealed stay' size. The simulator (the model "
+        "server validated it (the facts the summary reads, as JSON, compressed with zlib and "
+        "sealed with AES-256-GCM), not the Bundle: the 'sealed stay' size. The simulator (the model "
         "server) is not counted. "
         f"Took {seconds:.0f} s{'' if drawn else ' (no plot: matplotlib is not installed)'}.\n"
     )
