@@ -24,6 +24,7 @@ from epicrisis.errors import BundleError, EntryError, InputError, StayError
 from epicrisis.fhir import DataWarning, Entry, IngestedBundle, ingest
 from epicrisis.fhir.bundle import BUNDLE_TYPES
 from epicrisis.fhir.references import ReferenceResolver
+from epicrisis.fhir.validate import validate_entry
 from epicrisis.pipeline import summarize
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -789,6 +790,29 @@ def test_bad_inputs_really_carry_the_sentinel() -> None:
     assert lacking == {"empty", "whitespace", "bom-only", "number"}
 
 
+@pytest.mark.parametrize(
+    ("damage", "bad"),
+    [
+        pytest.param(lambda d: d.replace(b'"final"', b'"fin\xffal"', 1), b"\xff", id="in-a-string"),
+        pytest.param(lambda d: d + b"\n\xc3", b"\xc3", id="after-the-document"),
+        pytest.param(  # UTF-8 is checked first, whatever comes before the bad byte
+            lambda d: d.replace(b'"final"', b'"final",,', 1) + b' "\xed\xa0\x80"',
+            b"\xed",
+            id="after-a-syntax-error",
+        ),
+    ],
+)
+def test_invalid_utf8_is_refused_at_the_offset_of_its_first_bad_byte(
+    damage: Callable[[bytes], bytes], bad: bytes
+) -> None:
+    data = damage(_sentinel_bytes())
+    offset = data.index(bad)
+    with pytest.raises(BundleError) as caught:
+        ingest(data)
+    assert caught.value.message == f"input is not valid UTF-8 (first bad byte at offset {offset})"
+    assert caught.value.__cause__ is None
+
+
 def test_over_deep_entry_the_summary_does_not_read_is_no_error() -> None:
     doc = stay(e=_deep_entry(100))
     assert summarize(dumps(doc)).warnings == []
@@ -867,6 +891,45 @@ def test_warning_paths_inside_contained_resources() -> None:
     assert warning.code == "invalid-entry"
     assert warning.path == "entry[6].resource.contained[1].code.coding[0].userSelected"
     assert SENTINEL not in warning.model_dump_json()
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "at", "rule"),
+    [
+        (
+            "entry.1.resource.diagnosis",
+            [{"condition": {"reference": "#c"}, "rank": "1"}],
+            "diagnosis[0].rank",
+            "expected an integer",
+        ),
+        (
+            "entry.1.resource.type",
+            [{"coding": [{"code": "a"}, {"code": "b", "userSelected": "true"}]}],
+            "type[0].coding[1].userSelected",
+            "expected true or false",
+        ),
+        ("entry.1.resource.length", {"value": "3.5"}, "length.value", "expected a number"),
+    ],
+)
+def test_an_element_the_model_reads_from_another_json_type_is_refused_where_it_is(
+    path: str, value: Any, at: str, rule: str
+) -> None:
+    """fhir.resources takes ``"1"`` for an integer; FHIR JSON does not, nor do our readers."""
+    with pytest.raises(EntryError) as caught:
+        summarize(dumps(stay(e=_set(path, value))))
+    assert str(caught.value) == f"entry[1] Encounter/enc-1 at entry[1].resource.{at}: {rule}"
+
+
+def test_dropping_unknown_elements_leaves_the_parsed_bundle_as_it_was() -> None:
+    doc = stay()
+    doc["entry"][2]["resource"]["component"] = [{"code": {"text": "x"}, "valueString": "y", "z": 1}]
+    ingested = ingest(dumps(doc))
+    entry = ingested.entries[2]
+    before = copy.deepcopy(entry.resource)
+    cleaned, warnings = validate_entry(entry, limits=Limits())
+    assert [w.path for w in warnings] == ["entry[2].resource.component[0].<unknown element>"]
+    assert "z" not in cleaned["component"][0]
+    assert entry.resource == before
 
 
 def test_an_invalid_observation_becomes_a_warning() -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from epicrisis.config import Limits
 from epicrisis.errors import BundleError, EntryError
@@ -52,6 +54,30 @@ def test_resource_depth_of_an_entry_the_summary_needs() -> None:
     load_stay(data, limits=Limits(max_resource_depth=levels))
     with pytest.raises(EntryError, match=rf"nests deeper than {levels - 1} levels"):
         load_stay(data, limits=Limits(max_resource_depth=levels - 1))
+
+
+def _levels(value: Any) -> int:
+    """How many objects and arrays deep ``value`` nests, the plain recursive way (the
+    value itself is a level even when it is a scalar; scalars inside add none)."""
+    if isinstance(value, dict | list):
+        inner = value.values() if isinstance(value, dict) else value
+        return 1 + max((_levels(v) for v in inner if isinstance(v, dict | list)), default=0)
+    return 1
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=3)
+    ),
+    max_leaves=30,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.integers(min_value=0, max_value=12))
+def test_resource_depth_counts_every_object_and_array(value: Any, limit: int) -> None:
+    assert depth(value, limit) == (_levels(value) <= limit)
 
 
 def test_json_nesting_of_1024_levels() -> None:

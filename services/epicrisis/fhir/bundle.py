@@ -113,17 +113,19 @@ def decode_json(data: bytes, limits: Limits) -> Any:
         )
     if data.startswith(codecs.BOM_UTF8):
         data = data[len(codecs.BOM_UTF8) :]
-    if not data.strip():
+    if not data or data.isspace():  # what ``not data.strip()`` says, without copying the input
         raise BundleError("input is empty; expected a FHIR R4 Bundle as JSON")
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BundleError(
-            f"input is not valid UTF-8 (first bad byte at offset {exc.start})"
-        ) from None
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
+        # orjson checks the UTF-8 of the whole input before any syntax, so valid JSON is
+        # valid UTF-8; the input is decoded again only here, for the offset of the bad byte.
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as bad:
+            raise BundleError(
+                f"input is not valid UTF-8 (first bad byte at offset {bad.start})"
+            ) from None
         if "depth limit" in exc.msg:
             raise BundleError("JSON is nested deeper than 1024 levels") from None
         # exc.msg names the rule broken and pos the offset; neither repeats the content.

@@ -20,7 +20,6 @@ FHIR element name (keys can carry anything) is shown as ``<unknown element>``.
 
 from __future__ import annotations
 
-import copy
 import re
 import types
 import typing
@@ -83,17 +82,27 @@ def json_path(prefix: str, loc: tuple[int | str, ...]) -> str:
 
 
 def depth(value: Any, limit: int) -> bool:
-    """True when ``value`` nests no deeper than ``limit`` (iterative: no recursion to exhaust)."""
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, level = stack.pop()
-        if level > limit:
-            return False
-        if isinstance(node, dict):
-            stack.extend((v, level + 1) for v in node.values() if isinstance(v, dict | list))
-        elif isinstance(node, list):
-            stack.extend((v, level + 1) for v in node if isinstance(v, dict | list))
-    return True
+    """True when ``value`` nests no deeper than ``limit`` (iterative: no recursion to exhaust).
+
+    Runs on every entry the summary reads, so it goes a level at a time: a level is the list
+    of every value inside the objects and arrays of the level above (scalars too, passed over
+    one level later), and no node carries a level number of its own.
+    """
+    if limit < 1:
+        return False  # even a scalar is one level
+    level: list[Any] = [value]
+    for _ in range(limit):
+        inner: list[Any] = []
+        for node in level:
+            if isinstance(node, dict):
+                inner.extend(node.values())
+            elif isinstance(node, list):
+                inner.extend(node)
+        if not inner:
+            return True
+        level = inner
+    # ``level`` now holds the values at level ``limit + 1``: only scalars may be there.
+    return not any(isinstance(node, dict | list) for node in level)
 
 
 def validate_entry(
@@ -125,7 +134,7 @@ def validate_entry(
         first = next((p for p in problems if p[0] != "extra_forbidden"), problems[0])
         more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
         raise error(_rule(model, first) + more, first[1])
-    cleaned = copy.deepcopy(resource)
+    cleaned = _json_copy(resource)
     warnings: list[DataWarning] = []
     for _, at in unknown:
         _drop(cleaned, at)
@@ -180,33 +189,50 @@ def _problems(model: type[BaseModel], resource: Json) -> list[Problem]:
     except (KeyError, ValueError, TypeError, AttributeError):
         # fhir.resources raises bare errors on some shapes its validators do not expect
         return [("unreadable", ())]
-    return _json_types(instance, resource, ())
+    mismatch = _json_types(instance, resource)
+    if mismatch is None:
+        return []
+    rule, inside_out = mismatch
+    return [(rule, tuple(reversed(inside_out)))]
 
 
-def _json_types(value: Any, raw: Any, at: tuple[int | str, ...]) -> list[Problem]:
-    """The first element of ``raw`` whose JSON type differs from what the model made of it."""
+def _json_types(value: Any, raw: Any) -> tuple[str, list[int | str]] | None:
+    """The first element of ``raw`` whose JSON type differs from what the model made of it.
+
+    Gives the rule and the element's location, innermost part first: the location is built
+    only for a mismatch, on the way back out, as almost every resource has none. Runs on
+    every resource the summary reads, so a string element read as a string (most of them)
+    is passed over without a call.
+    """
     if isinstance(value, BaseModel):
         if not isinstance(raw, dict):
-            return [("dict_type", at)]
+            return "dict_type", []
         fields = _fields_by_key(type(value))
         for key, item in raw.items():
             name = fields.get(key)
-            if name is not None and item is not None:
-                found = _json_types(getattr(value, name), item, (*at, key))
-                if found:
-                    return found
-        return []
+            if name is None or item is None:
+                continue
+            inner = getattr(value, name)
+            if type(inner) is str and isinstance(item, str):
+                continue
+            found = _json_types(inner, item)
+            if found is not None:
+                found[1].append(key)
+                return found
+        return None
     if isinstance(value, list):
         if not isinstance(raw, list) or len(raw) != len(value):
-            return [("list_type", at)]
-        for position, (v, r) in enumerate(zip(value, raw, strict=True)):
-            if r is not None:
-                found = _json_types(v, r, (*at, position))
-                if found:
-                    return found
-        return []
+            return "list_type", []
+        for position, (inner, item) in enumerate(zip(value, raw, strict=True)):
+            if item is None or (type(inner) is str and isinstance(item, str)):
+                continue
+            found = _json_types(inner, item)
+            if found is not None:
+                found[1].append(position)
+                return found
+        return None
     if value is None:
-        return []
+        return None
     if isinstance(value, bool):
         ok, rule = isinstance(raw, bool), "bool_type"
     elif isinstance(value, int):
@@ -215,7 +241,7 @@ def _json_types(value: Any, raw: Any, at: tuple[int | str, ...]) -> list[Problem
         ok, rule = isinstance(raw, int | float) and not isinstance(raw, bool), "decimal_type"
     else:  # strings, codes, dates and times, base64: all JSON strings
         ok, rule = isinstance(raw, str), "string_type"
-    return [] if ok else [(rule, at)]
+    return None if ok else (rule, [])
 
 
 @cache
@@ -287,6 +313,16 @@ def _primitive_name(annotation: Any) -> str | None:
     if inner is bool:
         return "boolean"
     return None
+
+
+def _json_copy(value: Any) -> Any:
+    """A copy of parsed JSON to drop elements from: what ``copy.deepcopy`` gives, in a
+    third of the time, as objects and arrays are all there is to copy."""
+    if isinstance(value, dict):
+        return {key: _json_copy(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_json_copy(item) for item in value]
+    return value
 
 
 def _drop(node: Any, loc: tuple[int | str, ...]) -> None:

@@ -77,9 +77,8 @@ def pack(
     Raises :class:`ConfigurationError` when the safety set, its headings and the omission
     lines for everything else do not fit: such a prompt would silently drop safety facts.
     """
-    sections = [key for key, _ in SECTIONS if any(line.section == key for line in lines)]
-    heading_costs = count_many(tokenizer, [_heading(key) for key in sections])
-    fixed = sum(c + 2 for c in heading_costs)  # heading line, and the blank line before it
+    present = {line.section for line in lines}
+    sections = [key for key, _ in SECTIONS if key in present]
 
     # Omission groups, with the worst-case cost of their line (everything cut).
     group_lines: dict[tuple[str, str], list[int]] = {}
@@ -90,7 +89,11 @@ def pack(
         Omission(section, group, len(members), sum(costs[i] for i in members))
         for (section, group), members in group_lines.items()
     ]
-    worst_costs = [c + 1 for c in count_many(tokenizer, [o.text for o in worst])]
+    # Headings and omission lines in one call: each call to the tokenizer has a fixed cost.
+    counts = count_many(tokenizer, [*(_heading(key) for key in sections), *(o.text for o in worst)])
+    heading_costs, worst_counts = counts[: len(sections)], counts[len(sections) :]
+    fixed = sum(c + 2 for c in heading_costs)  # heading line, and the blank line before it
+    worst_costs = [c + 1 for c in worst_counts]
     omission_cost = dict(zip(group_lines, worst_costs, strict=True))
 
     used = fixed + safety_tokens(lines, costs) + sum(worst_costs)

@@ -69,6 +69,9 @@ class HFTokenizer:
     def __init__(self, backend: Any, name: str) -> None:
         self._backend = backend
         self.name = name
+        # Counting needs the ids only: ``encode_batch_fast`` (tokenizers 0.21+) does not
+        # compute character offsets, which saves about a quarter of the time on prompt text.
+        self._encode_ids = getattr(backend, "encode_batch_fast", backend.encode_batch)
 
     @classmethod
     def from_file(cls, path: Path | str) -> HFTokenizer:
@@ -85,12 +88,12 @@ class HFTokenizer:
         return cls(backend, f"hf:{file.name}")
 
     def count(self, text: str) -> int:
-        return len(self._backend.encode(text, add_special_tokens=False).ids)
+        return len(self._encode_ids([text], add_special_tokens=False)[0].ids)
 
     def count_batch(self, texts: Sequence[str]) -> list[int]:
         if not texts:
             return []
-        encodings = self._backend.encode_batch(list(texts), add_special_tokens=False)
+        encodings = self._encode_ids(list(texts), add_special_tokens=False)
         return [len(e.ids) for e in encodings]
 
     def __repr__(self) -> str:

@@ -50,10 +50,11 @@ WINDOW_FIELDS = {
     "DocumentReference": ("date",),
     "Composition": ("date",),
 }
-# Which element links a resource type to its encounter.
+# Which element links a resource type to its encounter (``encounter`` unless named here),
+# as the keys leading to it.
 ENCOUNTER_FIELD = {
-    "MedicationAdministration": "context",
-    "DocumentReference": "context.encounter",
+    "MedicationAdministration": ("context",),
+    "DocumentReference": ("context", "encounter"),
 }
 
 
@@ -250,9 +251,8 @@ class _Scope:
         return target is self.patient
 
     def _encounter_link(self, entry: Entry) -> Entry | None:
-        path = ENCOUNTER_FIELD.get(entry.resource_type, "encounter")
         value: Any = entry.resource
-        for part in path.split("."):
+        for part in ENCOUNTER_FIELD.get(entry.resource_type, ("encounter",)):
             value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, list):
             value = value[0] if value else None
@@ -260,7 +260,7 @@ class _Scope:
         if ref is None:
             return None
         # The stay is the stay whatever version a resource cites.
-        target = self.reader.resolver.resolve(ref.split("/_history/")[0], source=entry)
+        target = self.reader.resolver.resolve(ref.partition("/_history/")[0], source=entry)
         # A link to an encounter not in the Bundle is still a link, to some other visit.
         return target if target is not None else entry
 
