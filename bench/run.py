@@ -46,7 +46,7 @@ def main() -> None:
     files = sorted((ingest_prompt.SHARED / "fhir" / "synthea-r4").glob("*.json")) + sorted(
         (ingest_prompt.SHARED / "fhir" / "clinosim").glob("*.json")
     )
-    rows = ingest_prompt.measure(files, repeat=5)
+    rows = ingest_prompt.measure(files)
     ingest_prompt.plot(rows, HERE / "ingest-prompt.png")
     speed = ingest_prompt.markdown(rows)
     covered = reference_coverage.markdown()
@@ -81,8 +81,12 @@ Plots: [ingest-prompt.png](ingest-prompt.png), [service.png](service.png),
 
 ## Ingest + prompt against parsing and whole-Bundle validation
 
-Times are milliseconds, median of 5 runs after a warm-up (min-max in brackets); the
-whole-Bundle validation is the median of 2.
+Times are milliseconds, median of {ingest_prompt.REPEAT} rounds after a warm-up (min-max in
+brackets), the three paths taking turns in each round on the same bytes; the whole-Bundle
+validation runs in every {ingest_prompt.VALIDATE_EVERY}rd round. A ratio is the median over the
+rounds of the two figures of one round (drift on a shared machine cancels). As timeit does, the cyclic
+collector is off during each call (the service tunes it to about 0.1 ms a request:
+`epicrisis.cli._settle_heap`); each path frees what it built inside its timing.
 
 "ingest + prompt" is `epicrisis.build_prompt(bytes)` with the Llama 3 tokenizer: parse,
 shape-check every entry, select the stay, validate (R4B) every entry the summary reads,

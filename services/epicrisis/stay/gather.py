@@ -224,12 +224,16 @@ class _Scope:
         if found is None:
             found = []
             timed_by = WINDOW_FIELDS.get(resource_type, ())
-            for entry in self.of_patient(resource_type):
+            for entry in self.reader.bundle.of_type(resource_type):
+                # The link first: in a patient's whole record most entries belong to other
+                # visits, and that test is cheaper than resolving whose they are.
                 link = self._encounter_link(entry)
                 if link is not None:
                     if link is not self.stay:
                         continue
                 elif not timed_by or not self._in_window(entry, timed_by):
+                    continue
+                if not self._belongs_to_patient(entry):
                     continue
                 resource = self.reader.read(entry)
                 if resource is not None:
