@@ -90,7 +90,7 @@ collector is off during each call (the service tunes it to about 0.1 ms a reques
 
 "ingest + prompt" is `epicrisis.build_prompt(bytes)` with the Llama 3 tokenizer: parse,
 shape-check every entry, select the stay, validate (R4B) every entry the summary reads,
-gather, linearize, pack into the default budget (8,192 - 1,536 tokens) and count exactly.
+gather, linearize, pack into the default budget (8,192 - 2,048 tokens) and count exactly.
 "whole-Bundle R4B validation" is `Bundle.model_validate_json(bytes)` from `fhir.resources`;
 "(fails)" marks Bundles it refuses (clinosim writes `MedicationAdministration.dosage.timing`,
 which R4 does not define), timed to the same end. Token columns: the prompt, and the stay's

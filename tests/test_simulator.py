@@ -825,7 +825,9 @@ def test_overloaded_past_the_concurrency_limit(
 
 
 def test_refused_while_loading_and_reloading(start: Callable[..., SimulatorThread]) -> None:
-    sim = start(load_seconds=0.5, loading_seconds=1.5)
+    # Windows of a few seconds: the checks inside each must land before it ends even on a
+    # loaded machine (at 1.5 s a starved test thread once met the port open again).
+    sim = start(load_seconds=0.5, loading_seconds=4)
     url = sim.base_url  # the port is bound, and refuses until the model has "loaded"
     assert not sim.simulator.listening
     with pytest.raises(httpx2.ConnectError):
@@ -834,7 +836,7 @@ def test_refused_while_loading_and_reloading(start: Callable[..., SimulatorThrea
     assert httpx2.get(url + "/health").status_code == 200
 
     with httpx2.Client(base_url=url) as http:
-        assert faults(http, {"reload": 1.5})["listening"]
+        assert faults(http, {"reload": 4})["listening"]
     wait_until(lambda: refused(url), "the reload to close the port")
     with InferenceClient(base_url=url) as client, pytest.raises(httpx2.ConnectError):
         client.text_generation("Hello", max_new_tokens=2)
