@@ -29,7 +29,8 @@ from epicrisis.stay.context import Stay
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DROP = frozenset({"meta", "identifier", "text"})
 TOKEN_GOAL = 6_144
-REPEAT = 15  # rounds per Bundle
+REPEAT = 9  # rounds per Bundle
+BLOCK = 3  # calls of a path in its turn: one to settle, the rest timed
 VALIDATE_EVERY = 3  # whole-Bundle validation (0.2-0.6 s) in every third round
 
 
@@ -50,13 +51,26 @@ class Row:
     @property
     def vs_validation(self) -> float:
         """Median over the rounds that validated of ours / validation in the same round."""
-        ours = self.ours_ms[::VALIDATE_EVERY]
-        return statistics.median(o / v for o, v in zip(ours, self.validate_ms, strict=True))
+        step = BLOCK - 1
+        rounds = [
+            statistics.median(self.ours_ms[r * step : (r + 1) * step])
+            for r in range(0, len(self.ours_ms) // step, VALIDATE_EVERY)
+        ]
+        validations = [
+            statistics.median(self.validate_ms[i : i + step])
+            for i in range(0, len(self.validate_ms), step)
+        ]
+        return statistics.median(o / v for o, v in zip(rounds, validations, strict=True))
 
     @property
     def vs_parse(self) -> float:
         """Median over the rounds of ours / parse in the same round."""
-        return statistics.median(o / p for o, p in zip(self.ours_ms, self.parse_ms, strict=True))
+        step = BLOCK - 1
+        return statistics.median(
+            statistics.median(self.ours_ms[i : i + step])
+            / statistics.median(self.parse_ms[i : i + step])
+            for i in range(0, len(self.ours_ms), step)
+        )
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -77,16 +91,17 @@ def _timed(fn: Callable[[], Any]) -> float:
 def _rounds(
     paths: dict[str, Callable[[], Any]], repeat: int, every: dict[str, int]
 ) -> dict[str, list[float]]:
-    """Each path once per round, in turns, ``repeat`` rounds after a warm-up call of each
-    (imports, model classes, tokenizer): drift on a shared machine hits them alike. A path
-    named in ``every`` runs only in every n-th round (the slow whole-Bundle validation)."""
-    for fn in paths.values():
-        fn()
+    """The paths take turns, ``repeat`` rounds, so drift on a shared machine hits them alike.
+    In its turn a path runs ``BLOCK`` times back to back and the last ``BLOCK - 1`` calls are
+    timed: each is measured in its own steady state, as timeit's loops are, not in the wake
+    of the previous path's memory (whole-Bundle validation frees hundreds of MB). A path
+    named in ``every`` takes its turn only every n-th round (the slow validation)."""
     out: dict[str, list[float]] = {name: [] for name in paths}
     for round_no in range(repeat):
         for name, fn in paths.items():
             if round_no % every.get(name, 1) == 0:
-                out[name].append(_timed(fn))
+                fn()
+                out[name].extend(_timed(fn) for _ in range(BLOCK - 1))
     return out
 
 

@@ -81,12 +81,15 @@ Plots: [ingest-prompt.png](ingest-prompt.png), [service.png](service.png),
 
 ## Ingest + prompt against parsing and whole-Bundle validation
 
-Times are milliseconds, median of {ingest_prompt.REPEAT} rounds after a warm-up (min-max in
-brackets), the three paths taking turns in each round on the same bytes; the whole-Bundle
-validation runs in every {ingest_prompt.VALIDATE_EVERY}rd round. A ratio is the median over the
-rounds of the two figures of one round (drift on a shared machine cancels). As timeit does, the cyclic
-collector is off during each call (the service tunes it to about 0.1 ms a request:
-`epicrisis.cli._settle_heap`); each path frees what it built inside its timing.
+Times are milliseconds, median (min-max in brackets) over {ingest_prompt.REPEAT} rounds in which
+the three paths take turns on the same bytes; in its turn a path runs
+{ingest_prompt.BLOCK} times back to back and the last {ingest_prompt.BLOCK - 1} are timed, so each
+is measured in its own steady state (as timeit's loops are) and drift on a shared machine
+hits all three alike. The whole-Bundle validation takes its turn every
+{ingest_prompt.VALIDATE_EVERY}rd round. A ratio is the median over the rounds of the two
+paths' figures in the same round. As timeit does, the cyclic collector is off during each
+call (the service tunes it to about 0.1 ms a request: `epicrisis.cli._settle_heap`); each
+path frees what it built inside its timing.
 
 "ingest + prompt" is `epicrisis.build_prompt(bytes)` with the Llama 3 tokenizer: parse,
 shape-check every entry, select the stay, validate (R4B) every entry the summary reads,
