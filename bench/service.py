@@ -28,7 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -103,45 +103,9 @@ def _percentile(values: list[float], pct: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
 
 
-async def _direct_level(sim_url: str, data: bytes, callers: int, total: int) -> Level:
-    """What a job does, called in this process by ``callers`` loops sharing ``total`` calls:
-    Bundle to stay, the model's summary, the document. CPU work runs in threads as in the
-    servers, so the event loop keeps the model requests flowing."""
-    latencies: list[float] = []
-    errors = 0
-    issued = 0
-    async with EndpointPool([sim_url]) as pool:
-        for _ in range(3):  # warm the pool (/info) and the caches
-            await _one_direct(pool, data)
-        started = time.perf_counter()
-        cutoff = started + LEVEL_SECONDS
-
-        async def caller() -> None:
-            nonlocal issued, errors
-            while issued < total and time.perf_counter() < cutoff:
-                issued += 1
-                t0 = time.perf_counter()
-                if await _one_direct(pool, data):
-                    latencies.append((time.perf_counter() - t0) * 1000)
-                else:
-                    errors += 1
-
-        await asyncio.gather(*(caller() for _ in range(callers)))
-    return Level(callers, latencies, errors, time.perf_counter() - started)
-
-
-async def _one_direct(pool: EndpointPool, data: bytes) -> bool:
-    """One summary as the service makes it; False for a fallback answer."""
-    stay = await asyncio.to_thread(load_stay, data)
-    summary = await llm_summary(stay, pool)
-    await asyncio.to_thread(render_fhir, summary, version=epicrisis.__version__)
-    return not summary.provenance.fallback
-
-
-async def _level(
-    stub: pb_grpc.DischargeSummarizerStub, request: pb.SubmitRequest, callers: int, total: int
-) -> Level:
-    """``callers`` loops sharing ``total`` Summarize calls (none started past the bound)."""
+async def _callers(one: Callable[[], Awaitable[bool]], callers: int, total: int) -> Level:
+    """``callers`` loops sharing ``total`` calls of ``one`` (none started past the bound);
+    ``one`` says whether its call succeeded."""
     latencies: list[float] = []
     errors = 0
     issued = 0
@@ -153,18 +117,45 @@ async def _level(
         while issued < total and time.perf_counter() < cutoff:
             issued += 1
             t0 = time.perf_counter()
-            try:
-                job = await stub.Summarize(request, timeout=60.0)
-            except grpc.aio.AioRpcError:
+            if await one():
+                latencies.append((time.perf_counter() - t0) * 1000)
+            else:
                 errors += 1
-                continue
-            if job.state != pb.JOB_STATE_SUCCEEDED or job.summary.provenance.fallback:
-                errors += 1
-                continue
-            latencies.append((time.perf_counter() - t0) * 1000)
 
     await asyncio.gather(*(caller() for _ in range(callers)))
     return Level(callers, latencies, errors, time.perf_counter() - started)
+
+
+async def _direct_level(sim_url: str, data: bytes, callers: int, total: int) -> Level:
+    """What a job does, called in this process: Bundle to stay, the model's summary, the
+    document. CPU work runs in threads as in the servers, so the event loop keeps the model
+    requests flowing."""
+    async with EndpointPool([sim_url]) as pool:
+
+        async def one() -> bool:  # False for a fallback answer
+            stay = await asyncio.to_thread(load_stay, data)
+            summary = await llm_summary(stay, pool)
+            await asyncio.to_thread(render_fhir, summary, version=epicrisis.__version__)
+            return not summary.provenance.fallback
+
+        for _ in range(3):  # warm the pool (/info) and the caches
+            await one()
+        return await _callers(one, callers, total)
+
+
+async def _level(
+    stub: pb_grpc.DischargeSummarizerStub, request: pb.SubmitRequest, callers: int, total: int
+) -> Level:
+    """Summarize calls; a failed call or a fallback answer is an error."""
+
+    async def one() -> bool:
+        try:
+            job = await stub.Summarize(request, timeout=60.0)
+        except grpc.aio.AioRpcError:
+            return False
+        return job.state == pb.JOB_STATE_SUCCEEDED and not job.summary.provenance.fallback
+
+    return await _callers(one, callers, total)
 
 
 async def _serve_levels(
