@@ -175,7 +175,7 @@ def measure_overhead(
     repeats: int = OVERHEAD_REPEATS,
 ) -> Overhead:
     """Direct calls, the embedded server and the queued deployment, in turns, ``repeats`` times."""
-    # as `epicrisis serve` and `epicrisis worker` do after start: a like baseline
+    # as `epicrisis serve` does after start: a like baseline
     gc.freeze()
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
     data = SAMPLE.read_bytes()

@@ -148,7 +148,7 @@ YOUNG_COLLECTION_THRESHOLD = 20_000
 
 
 def _settle_heap() -> None:
-    """Tune the cyclic collector for a service whose requests are big acyclic JSON trees.
+    """Tune the cyclic collector for the server, whose requests are big acyclic JSON trees.
 
     A parsed Bundle is tens of thousands of new containers: at the default threshold (700)
     each request set off about nine collections and, now and then, a full one walking every
@@ -181,7 +181,8 @@ def _worker(args: argparse.Namespace) -> int:
     from epicrisis.serving.queue import app, worker_concurrency
 
     concurrency = args.concurrency or worker_concurrency(get_settings())
-    _settle_heap()
+    # No _settle_heap here: the worker reads sealed stays, not Bundles, and its Celery
+    # consumer (whose reconnection to Redis is fragile upstream) runs as Celery tests it.
     app.worker_main(
         [
             "worker",
