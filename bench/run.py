@@ -64,7 +64,7 @@ def main() -> None:
         f"| {goal} | {baseline} | {figure} | {'met' if ok else '**missed**'} |"
         for goal, figure, baseline, ok in goals
     )
-    planned = capacity.report().replace("\n## ", "\n### ")
+    planned = ("\n" + capacity.report()).replace("\n## ", "\n### ").lstrip("\n")
     text = f"""# Benchmarks
 
 Written by `python bench/run.py` ({started}) on: {machine()}.
@@ -120,7 +120,7 @@ medications.
 ## The service: overhead and backend saturation
 
 {served}
-![Summarize latency against callers; slots busy over time under a backlog](service.png)
+![Served minus direct p50 against callers; slots busy over time under a backlog](service.png)
 
 ## Memory per job in flight
 
