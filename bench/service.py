@@ -95,11 +95,25 @@ class Overhead:
 
     runs: dict[str, list[list[Level]]]  # path -> repeats -> levels (the first path is direct)
 
+    def over_direct(self, path: str, index: int, pct: int) -> list[float]:
+        """Per repeat, ``path``'s ``pct``-th percentile minus the direct call's, at the level
+        ``index`` (the same callers) of the same repeat; repeats where either had no
+        successful call are left out."""
+        pairs = zip(self.runs[path], self.runs[DIRECT], strict=True)
+        return [
+            _percentile(run[index].latencies_ms, pct) - _percentile(base[index].latencies_ms, pct)
+            for run, base in pairs
+            if run[index].latencies_ms and base[index].latencies_ms
+        ]
+
 
 def _percentile(values: list[float], pct: int) -> float:
-    """The ``pct``-th percentile (inclusive method); the value itself for one sample."""
+    """The ``pct``-th percentile (inclusive method; 50 is the median); the value itself for
+    one sample."""
     if len(values) < 2:
         return values[0]
+    if pct == 50:
+        return statistics.median(values)
     return statistics.quantiles(values, n=100, method="inclusive")[pct - 1]
 
 
@@ -399,7 +413,6 @@ def _overhead_markdown(o: Overhead) -> str:
         "| p99 - direct p99 ms | errors |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
-    direct = o.runs[DIRECT]
     verdicts = []
     for path, repeats in o.runs.items():
         for index, callers in enumerate(level.callers for level in repeats[0]):
@@ -412,27 +425,18 @@ def _overhead_markdown(o: Overhead) -> str:
             p50 = [statistics.median(lv.latencies_ms) for _, lv in done]
             p99 = [_percentile(lv.latencies_ms, 99) for _, lv in done]
             extra = ["-", "-"]
-            if path != DIRECT:
-                pairs = [(lv, direct[run_no][index]) for run_no, lv in done]
-                pairs = [(lv, base) for lv, base in pairs if base.latencies_ms]
-                if pairs:
-                    over50 = [
-                        statistics.median(lv.latencies_ms) - statistics.median(b.latencies_ms)
-                        for lv, b in pairs
-                    ]
-                    over99 = [
-                        _percentile(lv.latencies_ms, 99) - _percentile(b.latencies_ms, 99)
-                        for lv, b in pairs
-                    ]
-                    extra = [_median_spread(over50, True), _median_spread(over99, True)]
-                    if callers == GOAL_CALLERS:
-                        middle = statistics.median(over50)
-                        verdicts.append(
-                            f"{path}: p50 {middle:+.1f} ms against the direct call at "
-                            f"{GOAL_CALLERS} callers ("
-                            f"{'meets' if middle <= GOAL_OVERHEAD_MS else 'misses'} the goal of "
-                            f"at most +{GOAL_OVERHEAD_MS:g} ms; p99 {statistics.median(over99):+.1f} ms)"
-                        )
+            over50 = o.over_direct(path, index, 50) if path != DIRECT else []
+            if over50:
+                over99 = o.over_direct(path, index, 99)
+                extra = [_median_spread(over50, True), _median_spread(over99, True)]
+                if callers == GOAL_CALLERS:
+                    middle = statistics.median(over50)
+                    verdicts.append(
+                        f"{path}: p50 {middle:+.1f} ms against the direct call at "
+                        f"{GOAL_CALLERS} callers ("
+                        f"{'meets' if middle <= GOAL_OVERHEAD_MS else 'misses'} the goal of "
+                        f"at most +{GOAL_OVERHEAD_MS:g} ms; p99 {statistics.median(over99):+.1f} ms)"
+                    )
             requests = sum(len(lv.latencies_ms) for _, lv in done)
             rate = statistics.median(lv.jobs_per_second for _, lv in done)
             lines.append(
@@ -492,17 +496,12 @@ def plot(overhead: Overhead, runs: list[Saturation], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    direct = overhead.runs[DIRECT]
     for shift, (path_name, repeats) in enumerate(overhead.runs.items()):
         if path_name == DIRECT:
             continue
         xs, middles, lows, highs = [], [], [], []
         for i, level in enumerate(repeats[0]):
-            over = [
-                statistics.median(run[i].latencies_ms) - statistics.median(base[i].latencies_ms)
-                for run, base in zip(repeats, direct, strict=True)
-                if run[i].latencies_ms and base[i].latencies_ms
-            ]
+            over = overhead.over_direct(path_name, i, 50)
             if over:
                 middle = statistics.median(over)
                 xs.append(level.callers * (1 + 0.04 * shift))  # side by side, not on top
@@ -534,19 +533,13 @@ def glance(overhead: Overhead, runs: list[Saturation]) -> list[tuple[str, str, s
     """The goals' rows for bench/README.md's summary: (goal, figure, baseline, met)."""
     index = next(i for i, lv in enumerate(overhead.runs[DIRECT][0]) if lv.callers == GOAL_CALLERS)
     rows = []
-    for path, repeats in overhead.runs.items():
+    for path in overhead.runs:
         if path == DIRECT:
             continue
-        over50, over99 = [], []
-        for run_no, run in enumerate(repeats):
-            served, base = run[index], overhead.runs[DIRECT][run_no][index]
-            if served.latencies_ms and base.latencies_ms:
-                over50.append(
-                    statistics.median(served.latencies_ms) - statistics.median(base.latencies_ms)
-                )
-                over99.append(
-                    _percentile(served.latencies_ms, 99) - _percentile(base.latencies_ms, 99)
-                )
+        over50, over99 = (
+            overhead.over_direct(path, index, 50),
+            overhead.over_direct(path, index, 99),
+        )
         met = bool(over50) and statistics.median(over50) <= GOAL_OVERHEAD_MS
         figure = (
             f"{path}: p50 {statistics.median(over50):+.1f} ms, p99 {statistics.median(over99):+.1f} ms"
