@@ -29,6 +29,7 @@ from epicrisis.stay.context import Stay
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DROP = frozenset({"meta", "identifier", "text"})
 TOKEN_GOAL = 6_144
+Rounds = dict[int, list[float]]  # round number -> the timed calls of a path's turn in it
 REPEAT = 9  # rounds per Bundle
 BLOCK = 3  # calls of a path in its turn: one to settle, the rest timed
 VALIDATE_EVERY = 3  # whole-Bundle validation (0.2-0.6 s) in every third round
@@ -38,10 +39,10 @@ VALIDATE_EVERY = 3  # whole-Bundle validation (0.2-0.6 s) in every third round
 class Row:
     name: str
     megabytes: float
-    parse_ms: list[float]
-    validate_ms: list[float]
+    parse_rounds: Rounds
+    validate_rounds: Rounds
     validates: bool
-    ours_ms: list[float]
+    ours_rounds: Rounds
     prompt_tokens: int
     safety_tokens: int  # the safety set's lines alone (never cut)
     safety_whole: bool  # every safety line is in the prompt, word for word
@@ -49,28 +50,38 @@ class Row:
     slim_json_tokens: int
 
     @property
+    def parse_ms(self) -> list[float]:
+        return _flat(self.parse_rounds)
+
+    @property
+    def validate_ms(self) -> list[float]:
+        return _flat(self.validate_rounds)
+
+    @property
+    def ours_ms(self) -> list[float]:
+        return _flat(self.ours_rounds)
+
+    @property
     def vs_validation(self) -> float:
         """Median over the rounds that validated of ours / validation in the same round."""
-        step = BLOCK - 1
-        rounds = [
-            statistics.median(self.ours_ms[r * step : (r + 1) * step])
-            for r in range(0, len(self.ours_ms) // step, VALIDATE_EVERY)
-        ]
-        validations = [
-            statistics.median(self.validate_ms[i : i + step])
-            for i in range(0, len(self.validate_ms), step)
-        ]
-        return statistics.median(o / v for o, v in zip(rounds, validations, strict=True))
+        return _paired(self.ours_rounds, self.validate_rounds)
 
     @property
     def vs_parse(self) -> float:
         """Median over the rounds of ours / parse in the same round."""
-        step = BLOCK - 1
-        return statistics.median(
-            statistics.median(self.ours_ms[i : i + step])
-            / statistics.median(self.parse_ms[i : i + step])
-            for i in range(0, len(self.ours_ms), step)
-        )
+        return _paired(self.ours_rounds, self.parse_rounds)
+
+
+def _flat(rounds: Rounds) -> list[float]:
+    return [ms for timed in rounds.values() for ms in timed]
+
+
+def _paired(ours: Rounds, baseline: Rounds) -> float:
+    """The median over the rounds the baseline ran in of ours / baseline, each the median of
+    its timed calls in that round."""
+    return statistics.median(
+        statistics.median(ours[r]) / statistics.median(timed) for r, timed in baseline.items()
+    )
 
 
 def _timed(fn: Callable[[], Any]) -> float:
@@ -90,18 +101,18 @@ def _timed(fn: Callable[[], Any]) -> float:
 
 def _rounds(
     paths: dict[str, Callable[[], Any]], repeat: int, every: dict[str, int]
-) -> dict[str, list[float]]:
+) -> dict[str, Rounds]:
     """The paths take turns, ``repeat`` rounds, so drift on a shared machine hits them alike.
     In its turn a path runs ``BLOCK`` times back to back and the last ``BLOCK - 1`` calls are
     timed: each is measured in its own steady state, as timeit's loops are, not in the wake
     of the previous path's memory (whole-Bundle validation frees hundreds of MB). A path
     named in ``every`` takes its turn only every n-th round (the slow validation)."""
-    out: dict[str, list[float]] = {name: [] for name in paths}
+    out: dict[str, Rounds] = {name: {} for name in paths}
     for round_no in range(repeat):
         for name, fn in paths.items():
             if round_no % every.get(name, 1) == 0:
                 fn()
-                out[name].extend(_timed(fn) for _ in range(BLOCK - 1))
+                out[name][round_no] = [_timed(fn) for _ in range(BLOCK - 1)]
     return out
 
 
@@ -162,10 +173,10 @@ def measure(paths: list[Path], repeat: int = REPEAT) -> list[Row]:
             Row(
                 name=path.stem[:32],
                 megabytes=len(data) / 1e6,
-                parse_ms=times["parse"],
-                validate_ms=times["validate"],
+                parse_rounds=times["parse"],
+                validate_rounds=times["validate"],
                 validates=_validate_whole(data),
-                ours_ms=times["ours"],
+                ours_rounds=times["ours"],
                 prompt_tokens=prompt.token_count,
                 safety_tokens=safety_tokens(lines, line_costs(lines, tokenizer)),
                 safety_whole=all(line.text in prompt.user for line in safety),
