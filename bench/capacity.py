@@ -32,6 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"
 SHOWN = "../shared/data"  # how the output names it: beside the clone
 DAY = 86_400
+BACKFILL_STAYS = 350e6  # a national backfill: ten years of US discharges (35 M a year)
+BACKFILL_DAYS = 365
 
 
 @dataclass(frozen=True)
@@ -342,7 +344,9 @@ def _verdict(i: Inputs, plans: list[Plan], per_unit: dict[str, float]) -> str:
     return text
 
 
-def report(inputs: Inputs | None = None, stays: float = 350e6, days: float = 365) -> str:
+def report(
+    inputs: Inputs | None = None, stays: float = BACKFILL_STAYS, days: float = BACKFILL_DAYS
+) -> str:
     """The plan for the standard volumes and a backfill of ``stays`` in ``days``, as markdown
     (inputs measured on the corpus when none are given)."""
     if inputs is None:
@@ -388,8 +392,8 @@ def main(argv: list[str] | None = None) -> int:
             type=int if kind == "int" else float,
             default=getattr(defaults, name),
         )
-    parser.add_argument("--backfill-stays", type=float, default=350e6)  # ten national years
-    parser.add_argument("--backfill-days", type=float, default=365)
+    parser.add_argument("--backfill-stays", type=float, default=BACKFILL_STAYS)
+    parser.add_argument("--backfill-days", type=float, default=BACKFILL_DAYS)
     parser.add_argument("--no-corpus", action="store_true", help="use the stated defaults")
     args = parser.parse_args(argv)
     given = {f.name: getattr(args, f.name) for f in fields(Inputs) if hasattr(args, f.name)}
