@@ -24,7 +24,7 @@ from epicrisis.errors import BundleError, EntryError, InputError, StayError
 from epicrisis.fhir import DataWarning, Entry, IngestedBundle, ingest
 from epicrisis.fhir.bundle import BUNDLE_TYPES
 from epicrisis.fhir.references import ReferenceResolver
-from epicrisis.fhir.validate import validate_entry
+from epicrisis.fhir.validate import ElementMemo, validate_entry
 from epicrisis.pipeline import summarize
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -1025,9 +1025,8 @@ def _slots(node: Any) -> list[tuple[Any, Any]]:
     return found
 
 
-@st.composite
-def mutated_bundles(draw: st.DrawFn) -> bytes:
-    doc = copy.deepcopy(MUTABLE)
+def _mutate(draw: st.DrawFn, doc: Any) -> None:
+    """Delete, replace, wrap, unwrap, stringify or empty one to four elements of ``doc``."""
     for _ in range(draw(st.integers(1, 4))):
         slots = _slots(doc)
         if not slots:
@@ -1055,6 +1054,12 @@ def mutated_bundles(draw: st.DrawFn) -> bytes:
         else:
             new = type(old)() if isinstance(old, dict | list | str) else 0
         container[key] = new
+
+
+@st.composite
+def mutated_bundles(draw: st.DrawFn) -> bytes:
+    doc = copy.deepcopy(MUTABLE)
+    _mutate(draw, doc)
     return dumps(doc)
 
 
@@ -1079,3 +1084,48 @@ def test_any_input_either_summarizes_or_raises_input_error(
         assert "\n" not in str(exc)
     else:
         event("summarized" + (" with warnings" if summary.warnings else ""))
+
+
+def _validated(entry: Entry, memo: ElementMemo | None) -> Any:
+    """What validation makes of ``entry``: the JSON and warnings, or the error's text."""
+    try:
+        cleaned, warnings = validate_entry(entry, limits=Limits(), memo=memo)
+    except EntryError as exc:
+        return str(exc)
+    return cleaned, [(w.code, w.path, w.message) for w in warnings]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), index=st.integers(0, len(MUTABLE["entry"]) - 1))
+def test_validating_with_the_element_memo_gives_what_plain_validation_gives(
+    data: st.DataObject, index: int
+) -> None:
+    """A memo warmed on the Bundle as sent must not change the verdict on a mutated entry:
+    its elements that are unchanged come from the memo, the mutated ones are validated."""
+    doc = copy.deepcopy(MUTABLE)
+    resource = doc["entry"][index]["resource"]
+    doc["entry"].append({"fullUrl": "urn:uuid:mutant", "resource": copy.deepcopy(resource)})
+    _mutate(data.draw, doc["entry"][-1]["resource"])
+    try:
+        ingested = ingest(dumps(doc))
+    except InputError:
+        return  # the mutant broke the Bundle itself (no resourceType, say): nothing to compare
+    memo = ElementMemo()
+    for entry in ingested.entries[:-1]:
+        _validated(entry, memo)
+    mutant = ingested.entries[-1]
+    assert _validated(mutant, memo) == _validated(mutant, None)
+
+
+def test_an_invalid_element_shared_by_two_entries_is_reported_in_each() -> None:
+    """The memo keeps valid elements only: a bad one is validated, and reported, every time."""
+    doc = stay()
+    bad_code = {"coding": [{"system": "http://loinc.org", "code": "x", "userSelected": "yes"}]}
+    reading = doc["entry"][2]["resource"]
+    reading["code"] = bad_code
+    doc["entry"].append({"fullUrl": "urn:uuid:obs-2", "resource": {**reading, "id": "obs-2"}})
+    summary = summarize(dumps(doc))
+    assert [(w.code, w.path) for w in summary.warnings] == [
+        ("invalid-entry", "entry[2].resource.code.coding[0].userSelected"),
+        ("invalid-entry", "entry[3].resource.code.coding[0].userSelected"),
+    ]

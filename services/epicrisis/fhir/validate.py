@@ -16,18 +16,26 @@ datatype such as ``Coding``, not a name fhir.resources does not know.
 
 Messages name the rule and the JSON path, never a value; a key that is not shaped like a
 FHIR element name (keys can carry anything) is shown as ``<unknown element>``.
+
+Within one Bundle the same elements come back entry after entry (a series' code and
+reference ranges, the subject, the encounter): an ``ElementMemo`` validates each distinct
+complex element once and hands the model's instance to every resource that carries it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import re
 import types
 import typing
+from collections.abc import Container
 from decimal import Decimal
 from functools import cache
 from typing import Any
 
+import orjson
 from fhir.resources.R4B import get_fhir_model_class
+from fhir.resources.R4B.resource import Resource
 from pydantic import BaseModel, ValidationError
 
 from epicrisis.config import Limits
@@ -105,10 +113,79 @@ def depth(value: Any, limit: int) -> bool:
     return not any(isinstance(node, dict | list) for node in level)
 
 
+# What fhir.resources raises on bad input: pydantic's errors, and bare ones from validators
+# that meet shapes they do not expect.
+_REFUSALS = (ValidationError, KeyError, ValueError, TypeError, AttributeError)
+
+
+class ElementMemo:
+    """The complex elements of one Bundle's resources validated so far, by their JSON text.
+
+    fhir.resources validates a nested element on its own (``model_validate`` of its model,
+    no context from the resource around it) and takes an instance of that model as it is,
+    so a resource whose elements are swapped for instances validated earlier is checked
+    exactly as the plain JSON would be, at a fraction of the cost where elements repeat.
+    Only valid elements are kept; one that fails stays JSON, for the resource's validation
+    to report in place. Lives as long as one gather: it holds data of one patient.
+    """
+
+    def __init__(self) -> None:
+        self._valid: dict[tuple[type[BaseModel], bytes], BaseModel] = {}
+        self.vetted: set[int] = set()  # ids of those instances: their JSON types are checked
+
+    def with_instances(self, model: type[BaseModel], raw: Json) -> Json:
+        """``raw`` with each complex element replaced by its validated instance where valid."""
+        elements = _element_models(model)
+        out: Json = {}
+        for key, value in raw.items():
+            element = elements.get(key)
+            if element is None:
+                out[key] = value
+            elif isinstance(value, list):
+                out[key] = [self._instance(element, item) for item in value]
+            else:
+                out[key] = self._instance(element, value)
+        return out
+
+    def _instance(self, model: type[BaseModel], raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            return raw
+        try:
+            key = (model, orjson.dumps(raw))
+        except orjson.JSONEncodeError:  # an integer beyond 64 bits from a dict caller
+            return raw
+        found = self._valid.get(key)
+        if found is None:
+            try:
+                found = model.model_validate(self.with_instances(model, raw))
+            except _REFUSALS:
+                return raw
+            if _json_types(found, raw, self.vetted) is not None:
+                return raw
+            self._valid[key] = found
+            self.vetted.add(id(found))
+        return found
+
+
+@cache
+def _element_models(model: type[BaseModel]) -> dict[str, type[BaseModel]]:
+    """JSON key to the model of its complex datatype, for the elements ``ElementMemo`` keeps:
+    not resources (``contained``), which validate by their own ``resourceType``."""
+    found: dict[str, type[BaseModel]] = {}
+    for name, field in model.model_fields.items():
+        element = _complex_type(field.annotation)
+        if element is not None and not issubclass(element, Resource):
+            found[field.alias or name] = element
+    return found
+
+
 def validate_entry(
-    entry: Entry, *, limits: Limits, strict: bool = False
+    entry: Entry, *, limits: Limits, strict: bool = False, memo: ElementMemo | None = None
 ) -> tuple[Json, list[DataWarning]]:
-    """Validate one resource; return the (possibly cleaned) JSON and warnings, or raise EntryError."""
+    """Validate one resource; return the (possibly cleaned) JSON and warnings, or raise EntryError.
+
+    Give the same ``memo`` to every call for one Bundle to validate repeated elements once.
+    """
     prefix = _prefix(entry)
     loc = entry.location
 
@@ -126,7 +203,7 @@ def validate_entry(
     if model is None:
         raise error(rule_text("resource_type"), ("resourceType",))
     resource = entry.resource
-    problems = _problems(model, resource)
+    problems = _problems(model, resource, memo)
     if not problems:
         return resource, []
     unknown = [p for p in problems if p[0] == "extra_forbidden"]
@@ -151,7 +228,7 @@ def validate_entry(
                 "element not defined in FHIR R4 was ignored",
             )
         )
-    problems = _problems(model, cleaned)
+    problems = _problems(model, cleaned, memo)
     if problems:
         raise error(_rule(model, problems[0]), problems[0][1])
     return cleaned, warnings
@@ -170,8 +247,15 @@ def _prefix(entry: Entry) -> str:
     return f"{top}.contained"
 
 
-def _problems(model: type[BaseModel], resource: Json) -> list[Problem]:
-    """What is wrong with ``resource`` as a ``model``; empty when it is valid."""
+def _problems(
+    model: type[BaseModel], resource: Json, memo: ElementMemo | None = None
+) -> list[Problem]:
+    """What is wrong with ``resource`` as a ``model``; empty when it is valid.
+
+    With a ``memo``, a valid resource is validated with its known elements as instances;
+    anything it refuses is validated again as plain JSON, so the problems reported are
+    always those of the resource as sent.
+    """
     contained = resource.get("contained")
     if isinstance(contained, list):
         for position, item in enumerate(contained):
@@ -180,8 +264,13 @@ def _problems(model: type[BaseModel], resource: Json) -> list[Problem]:
                 or resource_model(item["resourceType"]) is None
             ):
                 return [("resource_type", ("contained", position, "resourceType"))]
+    instance: BaseModel | None = None
+    if memo is not None:
+        with contextlib.suppress(*_REFUSALS):
+            instance = model.model_validate(memo.with_instances(model, resource))
     try:
-        instance = model.model_validate(resource)
+        if instance is None:
+            instance = model.model_validate(resource)
     except ValidationError as exc:
         return [
             (e["type"], tuple(e["loc"])) for e in exc.errors(include_input=False, include_url=False)
@@ -189,20 +278,23 @@ def _problems(model: type[BaseModel], resource: Json) -> list[Problem]:
     except (KeyError, ValueError, TypeError, AttributeError):
         # fhir.resources raises bare errors on some shapes its validators do not expect
         return [("unreadable", ())]
-    mismatch = _json_types(instance, resource)
+    mismatch = _json_types(instance, resource, memo.vetted if memo is not None else frozenset())
     if mismatch is None:
         return []
     rule, inside_out = mismatch
     return [(rule, tuple(reversed(inside_out)))]
 
 
-def _json_types(value: Any, raw: Any) -> tuple[str, list[int | str]] | None:
+def _json_types(
+    value: Any, raw: Any, vetted: Container[int] = frozenset()
+) -> tuple[str, list[int | str]] | None:
     """The first element of ``raw`` whose JSON type differs from what the model made of it.
 
     Gives the rule and the element's location, innermost part first: the location is built
     only for a mismatch, on the way back out, as almost every resource has none. Runs on
     every resource the summary reads, so a string element read as a string (most of them)
-    is passed over without a call.
+    is passed over without a call, and so is an instance in ``vetted`` (an ``ElementMemo``'s,
+    checked against the same JSON text before).
     """
     if isinstance(value, BaseModel):
         if not isinstance(raw, dict):
@@ -213,9 +305,9 @@ def _json_types(value: Any, raw: Any) -> tuple[str, list[int | str]] | None:
             if name is None or item is None:
                 continue
             inner = getattr(value, name)
-            if type(inner) is str and isinstance(item, str):
+            if (type(inner) is str and isinstance(item, str)) or id(inner) in vetted:
                 continue
-            found = _json_types(inner, item)
+            found = _json_types(inner, item, vetted)
             if found is not None:
                 found[1].append(key)
                 return found
@@ -224,9 +316,13 @@ def _json_types(value: Any, raw: Any) -> tuple[str, list[int | str]] | None:
         if not isinstance(raw, list) or len(raw) != len(value):
             return "list_type", []
         for position, (inner, item) in enumerate(zip(value, raw, strict=True)):
-            if item is None or (type(inner) is str and isinstance(item, str)):
+            if (
+                item is None
+                or (type(inner) is str and isinstance(item, str))
+                or id(inner) in vetted
+            ):
                 continue
-            found = _json_types(inner, item)
+            found = _json_types(inner, item, vetted)
             if found is not None:
                 found[1].append(position)
                 return found

@@ -15,7 +15,7 @@ from epicrisis.config import Limits, get_settings
 from epicrisis.errors import EntryError, Location, StayError
 from epicrisis.fhir.bundle import DataWarning, Entry, IngestedBundle, Json, WarningCode
 from epicrisis.fhir.references import ReferenceResolver, reference_of
-from epicrisis.fhir.validate import validate_entry
+from epicrisis.fhir.validate import ElementMemo, validate_entry
 from epicrisis.stay.context import (
     UNREADABLE_ALLERGY,
     AllergyFact,
@@ -61,9 +61,10 @@ ENCOUNTER_FIELD = {
 class _Reader:
     """Validates entries on demand (once each) and resolves references from them."""
 
-    def __init__(self, bundle: IngestedBundle, limits: Limits) -> None:
+    def __init__(self, bundle: IngestedBundle, limits: Limits, memo: ElementMemo) -> None:
         self.bundle = bundle
         self.limits = limits
+        self.memo = memo
         self.resolver = ReferenceResolver(bundle)
         self.warnings: list[DataWarning] = []
         self._cache: dict[int, Json | None] = {}
@@ -73,7 +74,7 @@ class _Reader:
 
     def require(self, entry: Entry) -> Json:
         """The validated resource; an invalid one is the caller's error."""
-        resource, warnings = validate_entry(entry, limits=self.limits)
+        resource, warnings = validate_entry(entry, limits=self.limits, memo=self.memo)
         self.warnings.extend(warnings)
         return resource
 
@@ -82,7 +83,7 @@ class _Reader:
         key = id(entry.resource)  # raw JSON objects live as long as the Bundle: a stable key
         if key not in self._cache:
             try:
-                resource, warnings = validate_entry(entry, limits=self.limits)
+                resource, warnings = validate_entry(entry, limits=self.limits, memo=self.memo)
                 self.warnings.extend(warnings)
                 self._cache[key] = resource
             except EntryError as exc:
@@ -124,10 +125,11 @@ def gather_stay(
     allow_emergency: bool = False,
 ) -> Stay:
     limits = limits or get_settings().limits
+    memo = ElementMemo()
     if strict:
         for entry in bundle.entries:
-            validate_entry(entry, limits=limits, strict=True)
-    reader = _Reader(bundle, limits)
+            validate_entry(entry, limits=limits, strict=True, memo=memo)
+    reader = _Reader(bundle, limits, memo)
     enc_entry = select_encounter(bundle, encounter_id, allow_emergency=allow_emergency)
     encounter = reader.require(enc_entry)
     patient_entry = _patient_entry(reader, enc_entry, encounter)
