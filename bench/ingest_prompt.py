@@ -87,7 +87,7 @@ def _paired(ours: Rounds, baseline: Rounds) -> float:
 def _timed(fn: Callable[[], Any]) -> float:
     """Milliseconds of one call, as timeit takes them: the cyclic collector off during the
     call, so a collection that earlier calls' garbage set off does not land on this one
-    (the service tunes the collector to about 0.1 ms a request: epicrisis.cli._settle_heap).
+    (the service tunes the collector to about 0.1 ms a request: epicrisis.serving.ingest.settle_heap).
     No collection just before: walking the heap then would leave the caches cold for the
     short calls. Each path frees its own result inside the timing."""
     gc.disable()

@@ -88,7 +88,7 @@ is measured in its own steady state (as timeit's loops are) and drift on a share
 hits all three alike. The whole-Bundle validation takes its turn every
 {ingest_prompt.VALIDATE_EVERY}rd round. A ratio is the median over the rounds of the two
 paths' figures in the same round. As timeit does, the cyclic collector is off during each
-call (the service tunes it to about 0.1 ms a request: `epicrisis.cli._settle_heap`); each
+call (the service tunes it to about 0.1 ms a request: `epicrisis.serving.ingest.settle_heap`); each
 path frees what it built inside its timing.
 
 "ingest + prompt" is `epicrisis.build_prompt(bytes)` with the Llama 3 tokenizer: parse,

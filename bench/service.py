@@ -36,11 +36,11 @@ import aiohttp
 import grpc
 
 import epicrisis
-from epicrisis.cli import YOUNG_COLLECTION_THRESHOLD
 from epicrisis.errors import StayError
 from epicrisis.llm.backend import llm_summary
 from epicrisis.llm.pool import EndpointPool
 from epicrisis.pipeline import load_stay
+from epicrisis.serving.ingest import YOUNG_COLLECTION_THRESHOLD
 from epicrisis.summary.render_fhir import render_fhir
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc

@@ -225,9 +225,9 @@ def test_services_tune_the_collector_for_big_json_requests() -> None:
     collector took 7 ms per request without, with the sample's Bundles in flight)."""
     code = (
         "import gc\n"
-        "from epicrisis.cli import YOUNG_COLLECTION_THRESHOLD, _settle_heap\n"
+        "from epicrisis.serving.ingest import YOUNG_COLLECTION_THRESHOLD, settle_heap\n"
         "default = gc.get_threshold()\n"
-        "_settle_heap()\n"
+        "settle_heap()\n"
         "assert gc.get_freeze_count() > 10_000, gc.get_freeze_count()\n"
         "assert gc.get_threshold() == (YOUNG_COLLECTION_THRESHOLD, *default[1:])\n"
     )

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import multiprocessing
+import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -23,11 +26,15 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from deployment import LOCAL_ONLY
 from epicrisis.config import Limits, Settings
+from epicrisis.errors import EntryError
+from epicrisis.pipeline import load_stay
+from epicrisis.serving.ingest import StayLoader, usable_cpus
 from epicrisis.serving.jobs import JobOptions
 from epicrisis.serving.server import embedded_service
 from epicrisis.serving.servicer import SERVICE_NAME
 from epicrisis.serving.status import status_for
 from epicrisis.stay import Stay
+from epicrisis.stay.codec import encode_stay
 from epicrisis.summary.model import DischargeSummary
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
@@ -381,3 +388,87 @@ def test_the_servers_own_limits_bound_what_it_accepts() -> None:
 
     code, details = run(scenario)
     assert code is grpc.StatusCode.INVALID_ARGUMENT and "5" in details
+
+
+# --------------------------------------------------------------------------- ingest processes
+
+
+def _sample_with(change: Callable[[dict[str, Any]], None]) -> bytes:
+    doc = json.loads(SAMPLE)
+    change(doc)
+    return json.dumps(doc).encode()
+
+
+def _encounter_period_is_text(doc: dict[str, Any]) -> None:
+    for entry in doc["entry"]:
+        if entry["resource"]["resourceType"] == "Encounter":
+            entry["resource"]["period"] = "not a period"
+
+
+@pytest.mark.parametrize("processes", [0, 1])
+def test_the_stay_loader_gives_what_load_stay_gives(processes: int) -> None:
+    """In a thread or in a process: the same stay, the same error with the same location."""
+    bad = _sample_with(_encounter_period_is_text)
+
+    async def scenario() -> tuple[Stay, EntryError]:
+        loader = StayLoader(Limits(), processes)
+        await loader.start()
+        try:
+            stay = await loader.load(SAMPLE)
+            with pytest.raises(EntryError) as caught:
+                await loader.load(bad)
+            return stay, caught.value
+        finally:
+            await loader.aclose()
+
+    stay, error = run(scenario)
+    assert encode_stay(stay) == encode_stay(load_stay(SAMPLE))
+    with pytest.raises(EntryError) as here:
+        load_stay(bad)
+    assert (str(error), error.location) == (str(here.value), here.value.location)
+    assert error.location.path and "period" in error.location.path
+
+
+def test_a_dead_ingest_process_fails_its_call_as_unavailable_and_is_replaced() -> None:
+    """The server outlives the process validating a Bundle (killed here as the kernel's OOM
+    killer would): the call says retry, the next one is served by a new process."""
+    settings = Settings(
+        embedded_concurrency=1, shutdown_grace_seconds=1, ingest_processes=1, **LOCAL_ONLY
+    )
+
+    async def scenario() -> tuple[pb.Job, grpc.StatusCode, pb.Job, int, int]:
+        before = set(multiprocessing.active_children())
+        async with (
+            embedded_service(settings, "127.0.0.1:0") as (_, port, _health),
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            stub = pb_grpc.DischargeSummarizerStub(channel)
+            (process,) = set(multiprocessing.active_children()) - before
+            first = await stub.Summarize(pb.SubmitRequest(bundle=SAMPLE), timeout=60)
+            os.kill(process.pid or 0, signal.SIGKILL)
+            process.join(10)
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Summarize(pb.SubmitRequest(bundle=SAMPLE), timeout=60)
+            again = await stub.Summarize(pb.SubmitRequest(bundle=SAMPLE), timeout=60)
+            during = len(set(multiprocessing.active_children()) - before)
+        after = len(set(multiprocessing.active_children()) - before)
+        return first, caught.value.code(), again, during, after
+
+    first, code, again, during, after = run(scenario)
+    assert first.state == again.state == pb.JOB_STATE_SUCCEEDED
+    assert code == grpc.StatusCode.UNAVAILABLE
+    assert (during, after) == (1, 0)  # one new process, and none left once the server stops
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "expected"),
+    [("200000 100000\n", 2), ("150000 100000\n", 2), ("50000 100000\n", 1), ("max 100000\n", None)],
+)
+def test_usable_cpus_follow_a_cgroup_quota(
+    tmp_path: Path, cpu_max: str, expected: int | None
+) -> None:
+    path = tmp_path / "cpu.max"
+    path.write_text(cpu_max)
+    affinity = len(os.sched_getaffinity(0))
+    assert usable_cpus(path) == min(affinity, expected or affinity)
+    assert usable_cpus(tmp_path / "absent") == affinity

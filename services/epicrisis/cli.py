@@ -144,34 +144,17 @@ def _tgi_sim(args: argparse.Namespace) -> int:
     return 0
 
 
-YOUNG_COLLECTION_THRESHOLD = 20_000
-
-
-def _settle_heap() -> None:
-    """Tune the cyclic collector for the server, whose requests are big acyclic JSON trees.
-
-    A parsed Bundle is tens of thousands of new containers: at the default threshold (700)
-    each request set off about nine collections and, now and then, a full one walking every
-    module and FHIR model the imports built. Freezing that start-up heap and collecting the
-    young generation every 20,000 net allocations took the collector's time per request
-    from about 7 ms to 0.1 ms (the sample Bundle, 8 requests in flight, one process); the
-    garbage cycles left waiting in between are bounded by the same 20,000 objects."""
-    import gc
-
-    gc.freeze()
-    gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
-
-
 def _serve(args: argparse.Namespace) -> int:
     import asyncio
 
     from epicrisis.config import get_settings
     from epicrisis.observability.logs import configure_logging
+    from epicrisis.serving.ingest import settle_heap
     from epicrisis.serving.server import run_server
 
     settings = get_settings()
     configure_logging("server", log_format=settings.log_format, level=settings.log_level)
-    _settle_heap()
+    settle_heap()
     asyncio.run(run_server(settings, embedded=args.embedded))
     return 0
 
@@ -181,7 +164,7 @@ def _worker(args: argparse.Namespace) -> int:
     from epicrisis.serving.queue import app, worker_concurrency
 
     concurrency = args.concurrency or worker_concurrency(get_settings())
-    # No _settle_heap here: the worker reads sealed stays, not Bundles, and its Celery
+    # No settle_heap here: the worker reads sealed stays, not Bundles, and its Celery
     # consumer (whose reconnection to Redis is fragile upstream) runs as Celery tests it.
     app.worker_main(
         [

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     grpc_host: str = "127.0.0.1"  # 0.0.0.0 in a container; loopback by default
     grpc_port: int = Field(50051, ge=0, le=65535)
     embedded_concurrency: int = Field(2, gt=0)  # jobs run at once by the embedded worker
+    # Processes that validate Bundles for a server (0: a thread of the server's own process);
+    # None: one per usable CPU but one (serving.ingest.default_processes).
+    ingest_processes: int | None = Field(None, ge=0, le=64)
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     max_queued_jobs: int = Field(1000, gt=0)  # waiting per priority; past it RESOURCE_EXHAUSTED
     max_input_tokens: int = Field(8192 - 2048, gt=256)

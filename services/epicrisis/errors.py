@@ -80,6 +80,20 @@ class EpicrisisError(Exception):
         where = self.location.describe()
         super().__init__(f"{where}: {message}" if where else message)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle by state, not by calling ``__init__`` again (whose keyword-only context
+        pickle cannot pass), so an error keeps its location and context on its way
+        between processes (the servers' ingest processes)."""
+        return (_rebuild_error, (type(self), self.args, self.__dict__))
+
+
+def _rebuild_error(
+    kind: type[EpicrisisError], args: tuple[Any, ...], state: dict[str, Any]
+) -> EpicrisisError:
+    error = kind.__new__(kind, *args)
+    error.__dict__.update(state)
+    return error
+
 
 class InputError(EpicrisisError):
     """The caller sent something we cannot summarize; the text says what and where."""

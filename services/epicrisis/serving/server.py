@@ -30,6 +30,7 @@ from epicrisis.serving.audit import Auditor
 from epicrisis.serving.auth import ApiKeys
 from epicrisis.serving.backends import BackendChooser, JobSummarizer
 from epicrisis.serving.embedded import EmbeddedWorker
+from epicrisis.serving.ingest import StayLoader, default_processes
 from epicrisis.serving.interceptor import ObservedCalls
 from epicrisis.serving.jobs import MemoryJobStore
 from epicrisis.serving.servicer import SERVICE_NAME, DischargeSummarizer
@@ -152,9 +153,12 @@ async def embedded_service(
         max_queued=max_queued or settings.max_queued_jobs,
     )
     health_servicer = health.aio.HealthServicer()
+    loader = await _started_loader(settings)
     server, port = create_server(
         address,
-        DischargeSummarizer(store, worker, Auditor.from_settings(settings), settings.limits),
+        DischargeSummarizer(
+            store, worker, Auditor.from_settings(settings), loader, settings.limits
+        ),
         health_servicer,
         max_bundle_bytes=settings.limits.max_bundle_bytes,
         credentials=server_credentials(settings),
@@ -175,6 +179,7 @@ async def embedded_service(
     finally:
         await worker.stop()
         await chooser.aclose()
+        await loader.aclose()
 
 
 @contextlib.asynccontextmanager
@@ -198,7 +203,10 @@ async def queued_service(
     app = create_app(settings)
     health_servicer = health.aio.HealthServicer()
     worker = QueuedWorker(store, app, max_queued=settings.max_queued_jobs)
-    servicer = DischargeSummarizer(store, worker, Auditor.from_settings(settings), settings.limits)
+    loader = await _started_loader(settings)
+    servicer = DischargeSummarizer(
+        store, worker, Auditor.from_settings(settings), loader, settings.limits
+    )
     server, port = create_server(
         address,
         servicer,
@@ -234,6 +242,15 @@ async def queued_service(
             servicer.keep_jobs_of_cut_calls = True
     finally:
         await store.aclose()
+        await loader.aclose()
+
+
+async def _started_loader(settings: Settings) -> StayLoader:
+    """The server's Bundle validation, its processes started and ready."""
+    processes = settings.ingest_processes
+    loader = StayLoader(settings.limits, default_processes() if processes is None else processes)
+    await loader.start()
+    return loader
 
 
 Check = Callable[[], Awaitable[bool]]

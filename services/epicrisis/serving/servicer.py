@@ -22,10 +22,10 @@ from epicrisis.config import Limits, get_settings
 from epicrisis.observability import metrics
 from epicrisis.observability.logs import JOB_ID
 from epicrisis.observability.tracing import carrier, tracer
-from epicrisis.pipeline import load_stay
 from epicrisis.serving.audit import Auditor
 from epicrisis.serving.auth import current_caller
 from epicrisis.serving.convert import job_message
+from epicrisis.serving.ingest import StayLoader
 from epicrisis.serving.jobs import (
     Accepted,
     JobNotFound,
@@ -43,10 +43,6 @@ from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)  # ids and outcomes only, never request content
 BACKENDS = {pb.BACKEND_EXTRACTIVE: "extractive", pb.BACKEND_LLM: "llm"}
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["DischargeSummarizer"].full_name
-# Bundles validated at once: it is CPU work under the GIL, so more threads only take time
-# from the event loop that serves every other call (and Redis); two keep one large Bundle
-# from holding up the rest.
-VALIDATIONS_AT_ONCE = 2
 DEADLINE_MARGIN_SECONDS = 0.05  # answer DEADLINE_EXCEEDED ourselves, before the transport does
 
 
@@ -135,14 +131,19 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
     exactly as an unknown one, and idempotency keys are scoped to their caller."""
 
     def __init__(
-        self, store: JobStore, worker: Worker, auditor: Auditor, limits: Limits | None = None
+        self,
+        store: JobStore,
+        worker: Worker,
+        auditor: Auditor,
+        loader: StayLoader,
+        limits: Limits | None = None,
     ) -> None:
         self._store = store
         self._limits = limits or get_settings().limits
         self._worker = worker
         self.auditor = auditor
+        self._loader = loader
         self.keep_jobs_of_cut_calls = False  # set while a queued server drains
-        self._validating = asyncio.Semaphore(VALIDATIONS_AT_ONCE)
 
     @_unary
     async def Submit(self, request: pb.SubmitRequest, context: grpc.aio.ServicerContext) -> pb.Job:
@@ -244,18 +245,15 @@ class DischargeSummarizer(pb_grpc.DischargeSummarizerServicer):
         )  # the fields beside the Bundle: lengths, key charset, tokens
         options = request.options
         encounter_id = request.encounter_id if request.HasField("encounter_id") else None
-        async with self._validating:
-            clock = time.perf_counter()
-            with tracer.start_as_current_span("epicrisis.ingest"):
-                stay = await asyncio.to_thread(
-                    load_stay,
-                    request.bundle,
-                    limits=self._limits,
-                    encounter_id=encounter_id,
-                    strict=options.strict,
-                    allow_emergency=options.allow_emergency,
-                )
-            metrics.STAGE_DURATION.labels("ingest").observe(time.perf_counter() - clock)
+        clock = time.perf_counter()
+        with tracer.start_as_current_span("epicrisis.ingest"):
+            stay = await self._loader.load(
+                request.bundle,
+                encounter_id=encounter_id,
+                strict=options.strict,
+                allow_emergency=options.allow_emergency,
+            )
+        metrics.STAGE_DURATION.labels("ingest").observe(time.perf_counter() - clock)
         event.patient = stay.patient.ref
         digest = fingerprint(
             request.bundle, encounter_id, options.SerializeToString(deterministic=True)
