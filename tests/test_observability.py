@@ -177,11 +177,12 @@ def prometheus(tmp: Path, targets: dict[str, str]) -> Iterator[str]:
     config.write_text(
         json.dumps({"global": {"scrape_interval": "1s"}, "scrape_configs": scrape_configs})
     )
+    binary = tool("prometheus")  # skips (or fails) before anything is opened
     port = _free_port()
     log = (tmp / "prometheus.log").open("w")
     process = subprocess.Popen(
         [
-            tool("prometheus"),
+            binary,
             f"--config.file={config}",
             f"--storage.tsdb.path={tmp / 'data'}",
             f"--web.listen-address=127.0.0.1:{port}",
