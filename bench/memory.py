@@ -148,11 +148,33 @@ def fit(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
 
 
 def rss_bytes(pid: int) -> int:
-    """Resident set size (``VmRSS`` of ``/proc/<pid>/status``)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    """Resident set size of a process and its descendants (``VmRSS`` of
+    ``/proc/<pid>/status``): the server's ingest processes are part of the server."""
+    total = 0
+    for one in [pid, *_descendants(pid)]:
+        with contextlib.suppress(FileNotFoundError):  # a child that has just ended
+            for line in Path(f"/proc/{one}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    if not total:
+        raise RuntimeError(f"no VmRSS for pid {pid}")
+    return total
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from the parent ids in ``/proc/<n>/stat``."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # the command name (field 2) is in parentheses and may hold spaces
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
 
 
 async def _sim_state(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:
@@ -343,7 +365,7 @@ def _spread(values: list[float], unit: float = 1e3) -> str:
 
 
 MEASURES = {
-    "server": "`epicrisis serve` RSS",
+    "server": "`epicrisis serve` RSS (its ingest processes included)",
     "worker": "`epicrisis worker` RSS",
     "redis": "redis-server RSS",
     "total": "**total RSS**",

@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from importlib import resources
 from pathlib import Path
@@ -218,6 +219,53 @@ def test_serve_embedded_answers_over_grpc_and_drains_on_sigterm() -> None:
         finally:
             server.send_signal(signal.SIGTERM)
             assert server.wait(timeout=30) == 0
+
+
+def _children(pid: int) -> set[int]:
+    """The processes whose parent is ``pid`` (from /proc)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # ended while we looked
+        if int(fields[1]) == pid:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_the_ingest_processes_end_with_a_server_killed_outright() -> None:
+    """SIGKILL leaves the server no time to stop its pool: the ingest processes see their
+    parent go and end, instead of waiting for work forever as orphans."""
+    env = {
+        **os.environ,
+        "EPICRISIS_GRPC_PORT": "0",
+        "EPICRISIS_INGEST_PROCESSES": "1",
+        **LOCAL_ENV,
+    }
+    with subprocess.Popen(
+        [str(EPICRISIS), "serve", "--embedded"], stderr=subprocess.PIPE, text=True, env=env
+    ) as server:
+        assert server.stderr is not None
+        banner = server.stderr.readline()  # the processes are up before the server says so
+        assert "serving gRPC" in banner, banner
+        children = _children(server.pid)
+        assert children
+        server.kill()
+        server.wait(timeout=10)
+    deadline = time.monotonic() + 20
+    while any(_alive(pid) for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(pid) for pid in children)
 
 
 def test_services_tune_the_collector_for_big_json_requests() -> None:

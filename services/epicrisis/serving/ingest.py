@@ -8,7 +8,9 @@ through its codec (a fifth of the sample Bundle's size, decoded in about 1 % of 
 ``load_stay`` takes); with no processes it runs in a thread, as before.
 
 A process that dies (a Bundle that exhausts its memory, say) fails the calls it held with
-a retryable error and is replaced; the server goes on serving.
+a retryable error and is replaced; the server goes on serving. The processes are spawned,
+so a program that starts a server through the Python API guards its entry point, as
+``multiprocessing`` requires.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import math
 import multiprocessing
 import os
 import signal
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 from epicrisis.config import Limits
-from epicrisis.errors import EpicrisisError
+from epicrisis.errors import ConfigurationError, EpicrisisError
 from epicrisis.pipeline import load_stay
 from epicrisis.stay import Stay
 from epicrisis.stay.codec import decode_stay, encode_stay
@@ -94,9 +97,17 @@ class StayLoader:
         if self._processes:
             executor = self._new_executor()
             loop = asyncio.get_running_loop()
-            await asyncio.gather(
-                *(loop.run_in_executor(executor, _ready) for _ in range(self._processes))
-            )
+            try:
+                await asyncio.gather(
+                    *(loop.run_in_executor(executor, _ready) for _ in range(self._processes))
+                )
+            except BrokenProcessPool:
+                await self.aclose()
+                raise ConfigurationError(
+                    "the ingest processes did not start (a program that starts the server "
+                    "must guard its entry point with `if __name__ == '__main__':`); "
+                    "EPICRISIS_INGEST_PROCESSES=0 validates in the server's own process"
+                ) from None
 
     async def aclose(self) -> None:
         if self._executor is not None:
@@ -150,10 +161,19 @@ class StayLoader:
 
 
 def _start_process() -> None:
-    """In each ingest process: Ctrl-C is the server's to handle (it stops the pool), and the
-    collector is tuned as the server's is."""
+    """In each ingest process: Ctrl-C is the server's to handle (it stops the pool), the
+    process ends with the server even when that is killed outright (the pool's pipes alone
+    would keep it waiting for work forever), and the collector is tuned as the server's is."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, name="parent-watch", daemon=True).start()
     settle_heap()
+
+
+def _exit_with_parent() -> None:
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        parent.join()  # returns when the server process has ended
+        os._exit(1)
 
 
 def _ready() -> None:
