@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import random
 import signal
@@ -19,7 +20,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from epicrisis.errors import BackendRejectedError
 from epicrisis.pipeline import load_stay, summarize
 from epicrisis.serving.crypto import Sealer, new_key_text
 from epicrisis.serving.jobs import JobOptions, JobRecord, cancelled
-from epicrisis.serving.queue import JobRunner
+from epicrisis.serving.queue import JobRunner, create_app
 from epicrisis.serving.redis_store import RedisJobStore
 from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
@@ -352,6 +353,30 @@ def stop_worker(deployment: Deployment) -> int:
     return deployment_stop(deployment.workers.pop())
 
 
+@contextlib.contextmanager
+def supervised(deployment: Deployment, *worker_args: str) -> Iterator[list[int]]:
+    """Start a worker again whenever one exits 0 on its own (its stall watch shut it down),
+    as a Kubernetes Deployment or Compose's ``restart`` would; yields the pids of the
+    workers that were replaced."""
+    restarts: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.5):
+            for worker in list(deployment.workers):
+                if worker.poll() == 0 and worker.pid not in restarts:
+                    restarts.append(worker.pid)
+                    deployment.start_worker(*worker_args, wait=False)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield restarts
+    finally:
+        done.set()
+        watcher.join()
+
+
 # -- 2. Redis restarted under load ---------------------------------------------------------------
 
 
@@ -359,7 +384,9 @@ def test_a_redis_restart_under_load_loses_no_job(tmp_path: Path) -> None:
     """Redis (every write appended and fsynced) is killed with SIGKILL while 60 jobs run and
     more are submitted, and started again on its port 2 s later. The server answers
     UNAVAILABLE meanwhile (Submits are retried with their idempotency key) and NOT_SERVING;
-    the workers and the server reconnect; every accepted job ends SUCCEEDED."""
+    the workers and the server reconnect; every accepted job ends SUCCEEDED. A worker whose
+    consumer stalls in the reconnection (Celery's, upstream: the test met it once before
+    workers watched for it) shuts down and is started again, as Kubernetes would."""
     with (
         redis_server(durable=True) as store,
         deployed(
@@ -368,9 +395,10 @@ def test_a_redis_restart_under_load_loses_no_job(tmp_path: Path) -> None:
             sim_args=("--token-latency", "0.01"),
             workers=2,
             worker_args=("--concurrency", "8"),
-            env=QUICK_REDELIVERY,
+            env={**QUICK_REDELIVERY, "EPICRISIS_WORKER_STALL_SECONDS": "10"},
             redis_url=store.url,
         ) as running,
+        supervised(running, "--concurrency", "8") as restarts,
     ):
         requests = [
             pb.SubmitRequest(bundle=SMALL, options=LLM, idempotency_key=f"restart-{n}")
@@ -389,7 +417,36 @@ def test_a_redis_restart_under_load_loses_no_job(tmp_path: Path) -> None:
     states = Counter(pb.JobState.Name(job.state) for job in jobs.values())
     assert states == {"JOB_STATE_SUCCEEDED": len(requests)}, states
     assert store.restarts == 1
-    print(f"\n{len(requests)} jobs through a Redis restart; {warnings} store waits in workers")
+    print(
+        f"\n{len(requests)} jobs through a Redis restart; {warnings} store waits in workers; "
+        f"{len(restarts)} workers started again"
+    )
+
+
+def test_a_worker_whose_consumer_stalls_shuts_down_to_be_started_again(tmp_path: Path) -> None:
+    """Celery's consumer can stop taking messages after Redis reconnections while the process
+    and its heartbeat live on (the restart test above met it once: 48 jobs QUEUED, both
+    workers alive). Stalled here on purpose (Celery's remote control cancels the worker's
+    consumers): with a free slot and a job waiting, the worker says so and shuts down
+    cleanly, and the worker started in its place (its supervisor's part) runs the job."""
+    stall = {**QUICK_REDELIVERY, "EPICRISIS_WORKER_STALL_SECONDS": "2"}
+    with deployed(tmp_path, env=stall, worker_args=("--concurrency", "2")) as running:
+        app = create_app(Settings(redis_url=running.env["EPICRISIS_REDIS_URL"]))
+        for queue in ("interactive", "batch"):
+            replies = app.control.cancel_consumer(queue, reply=True, timeout=10)
+            assert len(replies) == 1, replies
+        stalled = running.workers[0]
+        channel, stub = running.stub()
+        with channel:
+            job_id = submit(stub, pb.SubmitRequest(bundle=SMALL, options=LLM))
+            assert stalled.wait(timeout=60) == 0  # a warm shutdown
+            assert stub.GetJob(pb.GetJobRequest(id=job_id)).state == pb.JOB_STATE_QUEUED
+            running.start_worker("--concurrency", "2")
+            job = finals(stub, [job_id], explain=whereabouts(running, stub))[job_id]
+        records = log_records(running.worker_log)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    (said,) = [r for r in records if "consumer has stalled" in r["message"]]
+    assert said["level"] == "ERROR"
 
 
 # -- 3. model endpoints away, slow or flapping ---------------------------------------------------

@@ -45,6 +45,7 @@ from epicrisis.serving.queue import (
     worker_concurrency,
 )
 from epicrisis.serving.redis_store import RedisJobStore
+from epicrisis.serving.stall import POLL_GRACE_SECONDS, StallWatch
 from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
 from redis_server import redis_server
@@ -463,3 +464,34 @@ def test_the_live_job_index_expires_like_the_jobs_in_it() -> None:
 
     ttl_ms, members = run(scenario())
     assert members == 2 and 0 < ttl_ms <= 60_000
+
+
+# -- the stall watch (serving.stall) --------------------------------------------------------
+
+
+def test_the_stall_watch_needs_every_sign_on_end_for_its_whole_period() -> None:
+    """Stalled: a free slot, a job waiting past a poll, no delivery, for ``after`` seconds
+    on end. Any delivery, a full worker, an empty queue or Redis away ends the spell."""
+    grace = POLL_GRACE_SECONDS
+    watch = StallWatch(after=30.0, last_delivery=0.0)
+    signs = {"free_slot": True, "oldest_wait": grace}
+    assert not watch.stalled(grace, **signs)  # the spell starts
+    assert not watch.stalled(grace + 29.9, **signs)
+    assert watch.stalled(grace + 30.0, **signs)
+    for broken in (
+        {"free_slot": False},  # every slot busy: waiting jobs are the backlog, not a stall
+        {"oldest_wait": None},  # Redis did not answer: the consumer may be reconnecting
+        {"oldest_wait": 0.0},  # nothing waits
+        {"oldest_wait": grace - 0.1},  # a job between two polls of a healthy consumer
+    ):
+        watch = StallWatch(after=30.0, last_delivery=0.0)
+        assert not watch.stalled(grace, **signs)
+        assert not watch.stalled(grace + 20.0, **(signs | broken)), broken  # spell ended
+        assert not watch.stalled(grace + 40.0, **signs), broken  # a new spell starts here
+        assert watch.stalled(grace + 70.0, **signs), broken
+    watch = StallWatch(after=30.0, last_delivery=0.0)
+    assert not watch.stalled(grace, **signs)
+    watch.delivered(grace + 20.0)  # the consumer took a job
+    assert not watch.stalled(grace + 21.0, **signs)  # within a poll of that delivery
+    assert not watch.stalled(grace + 40.0, **signs)  # a new spell from here
+    assert watch.stalled(grace + 70.0, **signs)

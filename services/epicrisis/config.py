@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     encryption_key: SecretStr | None = None  # base64 of 32 random bytes, or id:key,id:key
     encryption_key_file: Path | None = None  # a mounted secret holding the same text
     worker_heartbeat_seconds: float = Field(5.0, gt=0)  # workers report to the server's health
+    # a worker with a free slot that takes no waiting job for this long restarts (serving.stall)
+    worker_stall_seconds: float = Field(60.0, gt=0)
 
     # -- operations: metrics, logs (traces follow the standard OTEL_* environment) ----------
     metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, for Prometheus to scrape

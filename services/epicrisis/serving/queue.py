@@ -91,6 +91,7 @@ from epicrisis.serving.jobs import (
     succeeded,
 )
 from epicrisis.serving.redis_store import ENQUEUED_AT_HEADER, RedisJobStore
+from epicrisis.serving.stall import SHUTDOWN_MARGIN_SECONDS, StallWatch, watch_consumer
 from epicrisis.serving.workers import LlmState, WorkerStatus, heartbeat, this_worker_id
 from epicrisis.summary.model import DischargeSummary
 from epicrisis.summary.render_fhir import render_fhir
@@ -219,6 +220,7 @@ class JobRunner:
         self._job_loop: _JobLoop | None = None
         self._lock = threading.RLock()
         self._running = 0  # jobs on the loop now (touched only from the loop)
+        self._stall = StallWatch(settings.worker_stall_seconds, time.monotonic())
         self.app: Any = None  # the Celery app (create_app sets it): for reconcile()
         self.metrics_address: str | None = None  # where the worker serves /metrics
 
@@ -241,6 +243,7 @@ class JobRunner:
         self, store: RedisJobStore, job_id: str, retries: int, max_retries: int
     ) -> str:
         self._running += 1
+        self._stall.delivered(time.monotonic())
         metrics.JOBS_RUNNING.inc()
         token = JOB_ID.set(job_id)
         try:
@@ -341,6 +344,17 @@ class JobRunner:
                 self._job_loop.start(heartbeat(store, self._status))
                 if self.app is not None:
                     self._job_loop.start(reconcile(store, self.app, self.settings))
+                    self._job_loop.start(
+                        watch_consumer(
+                            store,
+                            QUEUES,
+                            self._stall,
+                            lambda: self._running < self.slots,
+                            interval=self.settings.worker_heartbeat_seconds,
+                            shutdown_grace=self.settings.job_timeout_seconds
+                            + SHUTDOWN_MARGIN_SECONDS,
+                        )
+                    )
             return self._job_loop
 
     def start(self) -> None:
