@@ -92,7 +92,8 @@ call (the service tunes it to about 0.1 ms a request: `epicrisis.serving.ingest.
 path frees what it built inside its timing.
 
 "ingest + prompt" is `epicrisis.build_prompt(bytes)` with the Llama 3 tokenizer: parse,
-shape-check every entry, select the stay, validate (R4B) every entry the summary reads,
+shape-check every entry, select the stay, validate (R4B) every entry the summary reads
+(each distinct element of the Bundle once: `epicrisis.fhir.validate.ElementMemo`),
 gather, linearize, pack into the default budget (8,192 - 2,048 tokens) and count exactly.
 "whole-Bundle R4B validation" is `Bundle.model_validate_json(bytes)` from `fhir.resources`;
 "(fails)" marks Bundles it refuses (clinosim writes `MedicationAdministration.dosage.timing`,
