@@ -28,6 +28,7 @@ from deployment import LOCAL_ONLY
 from epicrisis.config import Limits, Settings
 from epicrisis.errors import EntryError
 from epicrisis.pipeline import load_stay
+from epicrisis.serving import ingest
 from epicrisis.serving.ingest import StayLoader, usable_cpus
 from epicrisis.serving.jobs import JobOptions
 from epicrisis.serving.server import embedded_service
@@ -472,3 +473,11 @@ def test_usable_cpus_follow_a_cgroup_quota(
     affinity = len(os.sched_getaffinity(0))
     assert usable_cpus(path) == min(affinity, expected or affinity)
     assert usable_cpus(tmp_path / "absent") == affinity
+
+
+@pytest.mark.parametrize(("cpus", "expected"), [(1, 0), (2, 1), (4, 3), (64, 4)])
+def test_the_default_ingest_processes_leave_a_cpu_to_the_loop_and_stop_at_four(
+    monkeypatch: pytest.MonkeyPatch, cpus: int, expected: int
+) -> None:
+    monkeypatch.setattr(ingest, "usable_cpus", lambda: cpus)
+    assert ingest.default_processes() == expected

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     grpc_port: int = Field(50051, ge=0, le=65535)
     embedded_concurrency: int = Field(2, gt=0)  # jobs run at once by the embedded worker
     # Processes that validate Bundles for a server (0: a thread of the server's own process);
-    # None: one per usable CPU but one (serving.ingest.default_processes).
+    # None: one per usable CPU but one, at most 4 (serving.ingest.default_processes).
     ingest_processes: int | None = Field(None, ge=0, le=64)
     shutdown_grace_seconds: float = Field(10.0, ge=0)
     max_queued_jobs: int = Field(1000, gt=0)  # waiting per priority; past it RESOURCE_EXHAUSTED

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 THREAD_VALIDATIONS = 2
 YOUNG_COLLECTION_THRESHOLD = 20_000
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+MAX_DEFAULT_PROCESSES = 4
 
 
 class IngestUnavailable(EpicrisisError):
@@ -77,9 +78,11 @@ def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
 
 
 def default_processes() -> int:
-    """One process per usable CPU but one, which the event loop keeps; none on one CPU,
-    where a process would only add its pipe to the same core."""
-    return usable_cpus() - 1
+    """One process per usable CPU but one, which the event loop keeps, and at most
+    ``MAX_DEFAULT_PROCESSES`` (each holds 100-150 MB: more is a choice to make, not a
+    default on a large machine); none on one CPU, where a process would only add its pipe
+    to the same core."""
+    return min(usable_cpus() - 1, MAX_DEFAULT_PROCESSES)
 
 
 class StayLoader:
