@@ -1129,3 +1129,27 @@ def test_an_invalid_element_shared_by_two_entries_is_reported_in_each() -> None:
         ("invalid-entry", "entry[2].resource.code.coding[0].userSelected"),
         ("invalid-entry", "entry[3].resource.code.coding[0].userSelected"),
     ]
+
+
+def test_the_element_memo_stays_within_its_budget_on_deep_unique_elements() -> None:
+    """A key per nesting level would keep a deep chain many times over: the memo keeps
+    small elements only, within its budget, and gives the same verdicts as without it."""
+    doc = stay()
+    reading = doc["entry"][2]["resource"]
+    for n in range(40):
+        chain: dict[str, Any] = {"url": "http://example.test/leaf", "valueString": f"v{n}"}
+        for _ in range(25):  # 50 levels of JSON, within the limit of 64 with the resource's
+            chain = {"url": "http://example.test/link", "extension": [chain]}
+        doc["entry"].append(
+            {
+                "fullUrl": f"urn:uuid:obs-{n}",
+                "resource": {**reading, "id": f"obs-{n}", "extension": [chain]},
+            }
+        )
+    ingested = ingest(dumps(doc))
+    memo = ElementMemo(budget=50_000)
+    for entry in ingested.entries:
+        verdict = _validated(entry, memo)
+        assert not isinstance(verdict, str), verdict  # valid, chains and all
+        assert verdict == _validated(entry, None)
+    assert 40_000 < memo.kept_bytes <= 50_000

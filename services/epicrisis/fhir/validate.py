@@ -113,6 +113,8 @@ def depth(value: Any, limit: int) -> bool:
     return not any(isinstance(node, dict | list) for node in level)
 
 
+MEMO_ELEMENT_BYTES = 4096  # the largest element an ElementMemo keeps, as JSON text
+MEMO_BUDGET_BYTES = 8 * 1024 * 1024  # its keys in all (a 2 MB stay's Bundle: under 1 MB)
 # What fhir.resources raises on bad input: pydantic's errors, and bare ones from validators
 # that meet shapes they do not expect.
 _REFUSALS = (ValidationError, KeyError, ValueError, TypeError, AttributeError)
@@ -127,11 +129,18 @@ class ElementMemo:
     exactly as the plain JSON would be, at a fraction of the cost where elements repeat.
     Only valid elements are kept; one that fails stays JSON, for the resource's validation
     to report in place. Lives as long as one gather: it holds data of one patient.
+
+    Keys are JSON text, one per nesting level, so a deep chain of elements would be kept
+    many times over: only elements of up to ``MEMO_ELEMENT_BYTES`` are kept (the repeated
+    ones are codes, references, quantities, ranges), and no more than ``MEMO_BUDGET_BYTES``
+    in all; past that, elements are validated as before and forgotten.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, budget: int = MEMO_BUDGET_BYTES) -> None:
         self._valid: dict[tuple[type[BaseModel], bytes], BaseModel] = {}
         self.vetted: set[int] = set()  # ids of those instances: their JSON types are checked
+        self.kept_bytes = 0
+        self._budget = budget
 
     def with_instances(self, model: type[BaseModel], raw: Json) -> Json:
         """``raw`` with each complex element replaced by its validated instance where valid."""
@@ -162,8 +171,11 @@ class ElementMemo:
                 return raw
             if _json_types(found, raw, self.vetted) is not None:
                 return raw
-            self._valid[key] = found
-            self.vetted.add(id(found))
+            size = len(key[1])
+            if size <= MEMO_ELEMENT_BYTES and self.kept_bytes + size <= self._budget:
+                self._valid[key] = found
+                self.vetted.add(id(found))
+                self.kept_bytes += size
         return found
 
 
