@@ -287,8 +287,7 @@ def _problems(
         return [
             (e["type"], tuple(e["loc"])) for e in exc.errors(include_input=False, include_url=False)
         ]
-    except (KeyError, ValueError, TypeError, AttributeError):
-        # fhir.resources raises bare errors on some shapes its validators do not expect
+    except _REFUSALS:  # the bare errors of validators meeting shapes they do not expect
         return [("unreadable", ())]
     mismatch = _json_types(instance, resource, memo.vetted if memo is not None else frozenset())
     if mismatch is None:

@@ -153,7 +153,7 @@ async def embedded_service(
         max_queued=max_queued or settings.max_queued_jobs,
     )
     health_servicer = health.aio.HealthServicer()
-    loader = await _started_loader(settings)
+    loader = _stay_loader(settings)
     server, port = create_server(
         address,
         DischargeSummarizer(
@@ -174,6 +174,7 @@ async def embedded_service(
 
     await worker.start()
     try:
+        await loader.start()
         async with _watched(server, health_servicer, [llm_answers], settings, sample, "embedded"):
             yield server, port, health_servicer
     finally:
@@ -203,7 +204,7 @@ async def queued_service(
     app = create_app(settings)
     health_servicer = health.aio.HealthServicer()
     worker = QueuedWorker(store, app, max_queued=settings.max_queued_jobs)
-    loader = await _started_loader(settings)
+    loader = _stay_loader(settings)
     servicer = DischargeSummarizer(
         store, worker, Auditor.from_settings(settings), loader, settings.limits
     )
@@ -233,6 +234,7 @@ async def queued_service(
             metrics.WORKERS.labels(state).set(states[state])
 
     try:
+        await loader.start()
         checks: list[Check] = [redis_answers, workers_ready]
         async with _watched(server, health_servicer, checks, settings, sample, "queued"):
             yield server, port, health_servicer
@@ -245,12 +247,11 @@ async def queued_service(
         await loader.aclose()
 
 
-async def _started_loader(settings: Settings) -> StayLoader:
-    """The server's Bundle validation, its processes started and ready."""
+def _stay_loader(settings: Settings) -> StayLoader:
+    """The server's Bundle validation; its processes start with the server, once the
+    settings have been found sound and the port bound."""
     processes = settings.ingest_processes
-    loader = StayLoader(settings.limits, default_processes() if processes is None else processes)
-    await loader.start()
-    return loader
+    return StayLoader(settings.limits, default_processes() if processes is None else processes)
 
 
 Check = Callable[[], Awaitable[bool]]
