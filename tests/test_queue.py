@@ -495,3 +495,5 @@ def test_the_stall_watch_needs_every_sign_on_end_for_its_whole_period() -> None:
     assert not watch.stalled(grace + 21.0, **signs)  # within a poll of that delivery
     assert not watch.stalled(grace + 40.0, **signs)  # a new spell from here
     assert watch.stalled(grace + 70.0, **signs)
+    watch.stop()  # a warm shutdown: the consumer stops on purpose
+    assert not watch.stalled(grace + 1000.0, **signs)

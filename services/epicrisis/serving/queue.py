@@ -67,7 +67,13 @@ import redis.asyncio as aioredis
 from celery import Celery
 from celery.concurrency import get_implementation
 from celery.exceptions import Reject
-from celery.signals import setup_logging, worker_init, worker_ready, worker_shutdown
+from celery.signals import (
+    setup_logging,
+    worker_init,
+    worker_ready,
+    worker_shutdown,
+    worker_shutting_down,
+)
 from kombu.entity import Exchange, Queue
 from redis.exceptions import RedisError
 
@@ -220,7 +226,7 @@ class JobRunner:
         self._job_loop: _JobLoop | None = None
         self._lock = threading.RLock()
         self._running = 0  # jobs on the loop now (touched only from the loop)
-        self._stall = StallWatch(settings.worker_stall_seconds, time.monotonic())
+        self.stall_watch = StallWatch(settings.worker_stall_seconds, time.monotonic())
         self.app: Any = None  # the Celery app (create_app sets it): for reconcile()
         self.metrics_address: str | None = None  # where the worker serves /metrics
 
@@ -243,7 +249,7 @@ class JobRunner:
         self, store: RedisJobStore, job_id: str, retries: int, max_retries: int
     ) -> str:
         self._running += 1
-        self._stall.delivered(time.monotonic())
+        self.stall_watch.delivered(time.monotonic())
         metrics.JOBS_RUNNING.inc()
         token = JOB_ID.set(job_id)
         try:
@@ -348,7 +354,7 @@ class JobRunner:
                         watch_consumer(
                             store,
                             QUEUES,
-                            self._stall,
+                            self.stall_watch,
                             lambda: self._running < self.slots,
                             interval=self.settings.worker_heartbeat_seconds,
                             shutdown_grace=self.settings.job_timeout_seconds
@@ -763,12 +769,22 @@ def _configure_logging(**_: Any) -> None:
     configure_logging("worker", log_format=settings.log_format, level=settings.log_level)
 
 
+_started: list[JobRunner] = []  # the runners this process started: one in a worker
+
+
 def _start_loop(sender: Any = None, **_: Any) -> None:
     """Heartbeat from the start; then say where the metrics are (logging is set up now)."""
     runner = _runner_of(sender)
     if runner is not None:
         runner.start()
+        _started.append(runner)
         log.info("metrics on %s", runner.metrics_address)
+
+
+def _shutting_down(**_: Any) -> None:
+    """A warm shutdown stops the consumer on purpose: from now on that is no stall."""
+    for runner in _started:
+        runner.stall_watch.stop()
 
 
 def _close_loop(sender: Any = None, **_: Any) -> None:
@@ -783,3 +799,4 @@ setup_logging.connect(_configure_logging, weak=False)
 worker_init.connect(_prepare_worker, weak=False)
 worker_ready.connect(_start_loop, weak=False)
 worker_shutdown.connect(_close_loop, weak=False)
+worker_shutting_down.connect(_shutting_down, weak=False)

@@ -40,9 +40,14 @@ class StallWatch:
     after: float  # how long the signs must hold on end
     last_delivery: float  # when this worker last took a message (or started)
     _since: float | None = None  # when the signs were first seen, this spell
+    _stopped: bool = False
 
     def delivered(self, now: float) -> None:
         self.last_delivery = now
+
+    def stop(self) -> None:
+        """No stall from now on: the worker is shutting down and has stopped consuming."""
+        self._stopped = True
 
     def stalled(self, now: float, *, free_slot: bool, oldest_wait: float | None) -> bool:
         """Whether the consumer has looked stalled for ``after`` seconds on end.
@@ -50,7 +55,8 @@ class StallWatch:
         ``oldest_wait``: how long the oldest waiting message has waited; None when Redis
         did not answer, which ends the spell (the consumer may be reconnecting)."""
         signs = (
-            free_slot
+            not self._stopped
+            and free_slot
             and oldest_wait is not None
             and oldest_wait >= POLL_GRACE_SECONDS
             and now - self.last_delivery >= POLL_GRACE_SECONDS
