@@ -12,9 +12,11 @@ The model, per job: the model writes `answer_tokens` (times `attempts`, since an
 fails verification is generated again); a TGI replica writes `replica_tokens_per_second`
 tokens/s in aggregate while its batch is full, prefill of prompts like ours included. Capacity
 is sized for the peak hour (`peak_factor` x the daily mean) at `utilisation` of each part; a
-backfill runs flat out at `backfill_utilisation`. Worker and server processes are one event
-loop each (one core). Redis holds every job's sealed result for EPICRISIS_JOB_TTL_SECONDS,
-plus the sealed stays of the jobs waiting (at most EPICRISIS_MAX_QUEUED_JOBS per priority).
+backfill runs flat out at `backfill_utilisation`. A worker process is one event loop (one
+core); a server replica validates in its ingest processes, one under the manifests' limit of
+2 CPUs (one core of validation; EPICRISIS_INGEST_PROCESSES). Redis holds every job's sealed
+result for EPICRISIS_JOB_TTL_SECONDS, plus the sealed stays of the jobs waiting (at most
+EPICRISIS_MAX_QUEUED_JOBS per priority).
 """
 
 from __future__ import annotations
