@@ -471,8 +471,14 @@ def test_usable_cpus_follow_a_cgroup_quota(
     path = tmp_path / "cpu.max"
     path.write_text(cpu_max)
     affinity = len(os.sched_getaffinity(0))
-    assert usable_cpus(path) == min(affinity, expected or affinity)
-    assert usable_cpus(tmp_path / "absent") == affinity
+    assert usable_cpus(path, tmp_path / "absent") == min(affinity, expected or affinity)
+    assert usable_cpus(tmp_path / "absent", tmp_path / "absent") == affinity
+    v1 = tmp_path / "v1"  # the same quota as cgroup v1 states it
+    v1.mkdir()
+    quota, period = cpu_max.split()
+    (v1 / "cpu.cfs_quota_us").write_text(("-1" if quota == "max" else quota) + "\n")
+    (v1 / "cpu.cfs_period_us").write_text(period + "\n")
+    assert usable_cpus(tmp_path / "absent", v1) == min(affinity, expected or affinity)
 
 
 @pytest.mark.parametrize(("cpus", "expected"), [(1, 0), (2, 1), (4, 3), (64, 4)])

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 THREAD_VALIDATIONS = 2
 YOUNG_COLLECTION_THRESHOLD = 20_000
 CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")
+CGROUP_V1_CPU = Path("/sys/fs/cgroup/cpu")
 MAX_DEFAULT_PROCESSES = 4
 
 
@@ -63,18 +64,31 @@ def settle_heap() -> None:
     gc.set_threshold(YOUNG_COLLECTION_THRESHOLD, *gc.get_threshold()[1:])
 
 
-def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX) -> int:
-    """The CPUs this process may use: its affinity, capped by a cgroup v2 CPU quota (a
-    Kubernetes limit of 2 on a 64-core node is 2, not 64)."""
+def usable_cpus(cpu_max: Path = CGROUP_CPU_MAX, cgroup_v1_cpu: Path = CGROUP_V1_CPU) -> int:
+    """The CPUs this process may use: its affinity, capped by a cgroup CPU quota (a
+    Kubernetes limit of 2 on a 64-core node is 2, not 64): v2's ``cpu.max``, else v1's
+    ``cpu.cfs_quota_us`` over ``cpu.cfs_period_us``."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    cpus = cpus or 1
+    quota = _cgroup_quota(cpu_max, cgroup_v1_cpu)
+    return min(cpus or 1, quota) if quota is not None else cpus or 1
+
+
+def _cgroup_quota(cpu_max: Path, cgroup_v1_cpu: Path) -> int | None:
+    """CPUs the cgroup quota allows, rounded up; None without one."""
     try:
         quota, period = cpu_max.read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
     except (OSError, ValueError):
-        pass  # no cgroup v2, or no quota: the affinity stands
-    return cpus
+        try:
+            quota = (cgroup_v1_cpu / "cpu.cfs_quota_us").read_text().strip()
+            period = (cgroup_v1_cpu / "cpu.cfs_period_us").read_text().strip()
+        except OSError:
+            return None
+    try:
+        if quota in ("max", "-1"):
+            return None
+        return max(1, math.ceil(int(quota) / int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
 
 
 def default_processes() -> int:
