@@ -45,7 +45,7 @@ from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from deployment import Deployment, deployed  # the tests' process harness
+from deployment import Deployment, deployed, descendants  # the tests' process harness
 
 HERE = Path(__file__).resolve().parent
 SAMPLE = Path(epicrisis.__file__).resolve().parent / "samples" / "sample-stay.json"
@@ -151,7 +151,7 @@ def rss_bytes(pid: int) -> int:
     """Resident set size of a process and its descendants (``VmRSS`` of
     ``/proc/<pid>/status``): the server's ingest processes are part of the server."""
     total = 0
-    for one in [pid, *_descendants(pid)]:
+    for one in [pid, *descendants(pid)]:
         with contextlib.suppress(FileNotFoundError):  # a child that has just ended
             for line in Path(f"/proc/{one}/status").read_text().splitlines():
                 if line.startswith("VmRSS:"):
@@ -159,22 +159,6 @@ def rss_bytes(pid: int) -> int:
     if not total:
         raise RuntimeError(f"no VmRSS for pid {pid}")
     return total
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from the parent ids in ``/proc/<n>/stat``."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            # the command name (field 2) is in parentheses and may hold spaces
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = [], [pid]
-    while todo:
-        kids = children.get(todo.pop(), [])
-        found += kids
-        todo += kids
-    return found
 
 
 async def _sim_state(session: aiohttp.ClientSession, url: str) -> dict[str, Any]:

@@ -149,6 +149,23 @@ class Deployment:
         return self.worker_log.read_text(errors="replace")[-4000:]
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from the parent ids in ``/proc/<n>/stat`` (a server's
+    ingest processes, say)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):  # a process that ended while we looked
+            # the command name (field 2) is in parentheses and may hold spaces
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
 def launch(
     argv: Sequence[str], env: dict[str, str] | None, log: Path, banner: str
 ) -> tuple[subprocess.Popen[str], str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from deployment import LOCAL_ENV
+from deployment import LOCAL_ENV, descendants
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
 
@@ -221,19 +221,6 @@ def test_serve_embedded_answers_over_grpc_and_drains_on_sigterm() -> None:
             assert server.wait(timeout=30) == 0
 
 
-def _children(pid: int) -> set[int]:
-    """The processes whose parent is ``pid`` (from /proc)."""
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # ended while we looked
-        if int(fields[1]) == pid:
-            found.add(int(stat.parent.name))
-    return found
-
-
 def _alive(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -258,7 +245,7 @@ def test_the_ingest_processes_end_with_a_server_killed_outright() -> None:
         assert server.stderr is not None
         banner = server.stderr.readline()  # the processes are up before the server says so
         assert "serving gRPC" in banner, banner
-        children = _children(server.pid)
+        children = descendants(server.pid)
         assert children
         server.kill()
         server.wait(timeout=10)
