@@ -73,8 +73,10 @@ class Listener:
         self._listening.clear()
         await self._site.stop()
         self._site = None
-        await server.shutdown(RELOAD_DRAIN_SECONDS)
+        # The port again at once, before the drain: left unbound for those 2 s, it is free
+        # for any outgoing connection's ephemeral port, and then cannot be bound again.
         self._sock = bind(self.host, self.port)
+        await server.shutdown(RELOAD_DRAIN_SECONDS)
         await self._listen_after(seconds)
 
     def background(self, coroutine: Awaitable[None]) -> None:
