@@ -13,7 +13,6 @@ import asyncio
 import json
 import pickle
 import socket
-import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -57,7 +56,7 @@ from epicrisis.pipeline import load_stay
 from epicrisis.prompt import ANSWER_SCHEMA, OUTPUT_RESERVE_TOKENS
 from epicrisis.stay import Stay
 from epicrisis.summary.model import DischargeSummary
-from sim_control import CHAT, chat_counts, set_faults, sim_state
+from sim_control import CHAT, chat_counts, refused, set_faults, sim_state, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "services" / "epicrisis" / "samples" / "sample-stay.json"
@@ -118,22 +117,6 @@ def summarize(
             return summary, pool.stats(), pool
 
     return asyncio.run(run())
-
-
-def wait_until(predicate: Callable[[], bool], what: str, limit: float = 20.0) -> None:
-    """Poll ``predicate`` (a guard against hanging, not a timing assertion)."""
-    deadline = time.monotonic() + limit
-    while not predicate():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.02)
-
-
-def refused(url: str) -> bool:
-    try:
-        httpx2.get(url + "/health", timeout=5)
-    except httpx2.ConnectError:
-        return True
-    return False
 
 
 def bundle_names(bundle: bytes) -> set[str]:

@@ -26,7 +26,7 @@ from epicrisis.errors import StayError
 from epicrisis.pipeline import load_stay
 from epicrisis.v1 import summarizer_pb2 as pb
 from epicrisis.v1 import summarizer_pb2_grpc as pb_grpc
-from sim_control import CHAT, chat_counts, set_faults, sim_state
+from sim_control import CHAT, chat_counts, refused, set_faults, sim_state, wait_until
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "fhir"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -154,7 +154,11 @@ def test_refused_connections_and_unhealthy_endpoints_are_retried_until_the_job_s
 ) -> None:
     for url in sims:  # TGI reloading: connections refused, then /health 503, then back
         set_faults(url, {"reload": 1.5, "unhealthy": {"next": 3}})
+    for url in sims:  # the reload begins just after the control call has answered
+        wait_until(lambda url=url: refused(url), "the reload to close the port")
     assert_llm_success(deployment.summarize())
+    for url in sims:  # both back before their counters are read
+        wait_until(lambda url=url: not refused(url), "the port to open again")
     assert fired(sims, "unhealthy") >= 1
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -55,6 +54,7 @@ from epicrisis.prompt import (
     verify_answer,
 )
 from epicrisis.stay import Stay
+from sim_control import refused, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 OPENAPI = ROOT.parent / "shared" / "reference" / "tgi-openapi.json"
@@ -180,22 +180,6 @@ def chat_body(prompt: PromptResult, **extra: Any) -> dict[str, Any]:
         "response_format": {"type": "json_object", "value": ANSWER_SCHEMA},
         **extra,
     }
-
-
-def wait_until(predicate: Callable[[], bool], what: str, limit: float = 20.0) -> None:
-    """Poll ``predicate`` (a guard against hanging, not a timing assertion)."""
-    deadline = time.monotonic() + limit
-    while not predicate():
-        assert time.monotonic() < deadline, f"gave up waiting for {what}"
-        time.sleep(0.02)
-
-
-def refused(url: str) -> bool:
-    try:
-        httpx2.get(url + "/health", timeout=5)
-    except httpx2.ConnectError:
-        return True
-    return False
 
 
 # -- TGI's routes and shapes -----------------------------------------------------------
