@@ -22,10 +22,12 @@ from hypothesis import strategies as st
 from epicrisis.config import Limits
 from epicrisis.errors import BundleError, EntryError, InputError, StayError
 from epicrisis.fhir import DataWarning, Entry, IngestedBundle, ingest
+from epicrisis.fhir import bundle as bundle_module
 from epicrisis.fhir.bundle import BUNDLE_TYPES
 from epicrisis.fhir.references import ReferenceResolver
 from epicrisis.fhir.validate import ElementMemo, validate_entry
 from epicrisis.pipeline import summarize
+from epicrisis.stay import gather_stay
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SENTINEL = "ZEBRA-SENTINEL"
@@ -1153,3 +1155,167 @@ def test_the_element_memo_stays_within_its_budget_on_deep_unique_elements() -> N
         assert not isinstance(verdict, str), verdict  # valid, chains and all
         assert verdict == _validated(entry, None)
     assert 40_000 < memo.kept_bytes <= 50_000
+
+
+# --------------------------------------------------------------------------- parsing paths
+# simdjson's path (fhir.bundle._ingest_nodes) must give what orjson's (_ingest_values) gives,
+# or leave the input to it: the comparisons below run both on the same bytes.
+
+ABSENT = object()
+
+
+def _outcome(build: Callable[[], IngestedBundle]) -> Any:
+    """What a parsing path makes of the input: its entries and indexes, or its error."""
+    try:
+        ingested = build()
+    except BundleError as exc:
+        return ("error", str(exc), exc.location)
+    peeked = [  # before .resource builds them: peek reads the parsed nodes
+        [e.peek(key, ABSENT) for key in (*e.parsed, "subject", "no-such-key")]
+        for e in ingested.entries
+    ]
+    entries = [
+        (e.index, e.full_url, e.resource_type, e.resource_id, e.resource) for e in ingested.entries
+    ]
+    for values, entry in zip(peeked, ingested.entries, strict=True):
+        assert values == [
+            entry.resource.get(key, ABSENT) for key in (*entry.resource, "subject", "no-such-key")
+        ]
+    return (
+        ingested.bundle_type,
+        entries,
+        {url: e.index for url, e in ingested.by_full_url.items()},
+        {ref: [e.index for e in found] for ref, found in ingested.by_type_id.items()},
+        {rtype: [e.index for e in found] for rtype, found in ingested.by_type.items()},
+    )
+
+
+def _both_paths(data: bytes) -> str:
+    """Compare the paths on ``data``; say which one answered."""
+    limits = Limits()
+    by_values = _outcome(
+        lambda: bundle_module._ingest_values(bundle_module.decode_json(data), limits)
+    )
+    try:
+        by_nodes = _outcome(lambda: bundle_module._ingest_nodes(data, limits))
+    except bundle_module._Unusual:
+        assert _outcome(lambda: ingest(data)) == by_values
+        return "left to orjson"
+    assert by_nodes == by_values
+    assert by_nodes[0] != "error", "simdjson's path may raise only what orjson's raises"
+    return "simdjson"
+
+
+@pytest.mark.corpus
+@pytest.mark.skipif(bundle_module.Parser is None, reason="pysimdjson has no wheel for this Python")
+def test_corpus_bundle_takes_the_simdjson_path_and_gives_what_orjson_gives(
+    corpus_bundle: Path,
+) -> None:
+    assert _both_paths(corpus_bundle.read_bytes()) == "simdjson"
+
+
+def test_a_stay_builds_only_the_resources_it_reads() -> None:
+    """Scoping peeks at single elements: the resources of other visits are never built."""
+    data = fixture_bytes("collection-relative.json")
+    doc = orjson.loads(data)
+    for n in range(200):  # a year of another visit's readings
+        doc["entry"].append(
+            {
+                "fullUrl": f"urn:uuid:old-{n}",
+                "resource": {
+                    "resourceType": "Observation",
+                    "id": f"old-{n}",
+                    "status": "final",
+                    "code": {"text": "Heart rate"},
+                    "subject": {"reference": "Patient/pt-1"},
+                    "encounter": {"reference": "urn:uuid:elsewhere"},
+                    "effectiveDateTime": "2023-01-01T10:00:00Z",
+                    "valueQuantity": {"value": 70, "unit": "/min"},
+                },
+            }
+        )
+    ingested = ingest(dumps(doc))
+    gather_stay(ingested)
+    built = {e.resource_id for e in ingested.entries if isinstance(e.parsed, dict)}
+    assert {"pt-1", "enc-1"} <= built
+    assert not any(rid.startswith("old-") for rid in built if rid)
+
+
+def _with_repeated_key(draw: st.DrawFn, doc: Any) -> bytes:
+    """``doc`` as JSON text with one object repeating one of its keys (orjson keeps the last)."""
+    objects = [doc] + [c[k] for c, k in _slots(doc) if isinstance(c[k], dict) and c[k]]
+    target = draw(st.sampled_from(objects))
+    key = draw(st.sampled_from(sorted(target)))
+    extra = draw(json_leaf)
+    before = draw(st.booleans())
+
+    def text(node: Any) -> str:
+        if isinstance(node, dict):
+            pairs = [f"{json.dumps(k)}:{text(v)}" for k, v in node.items()]
+            if node is target:
+                pair = f"{json.dumps(key)}:{json.dumps(extra)}"
+                pairs = [pair, *pairs] if before else [*pairs, pair]
+            return "{" + ",".join(pairs) + "}"
+        if isinstance(node, list):
+            return "[" + ",".join(text(v) for v in node) + "]"
+        return json.dumps(node)
+
+    return text(doc).encode()
+
+
+NUMBER_TEXTS = [
+    "123456789012345678901234567890",  # beyond 64 bits: orjson takes it as a float
+    "-9223372036854775809",
+    "18446744073709551615",
+    "1e400",
+    "-0",
+    "-0.0",
+    "1.0E2",
+    "0.1000000000000000055511151231257827",
+]
+
+
+@st.composite
+def unusual_texts(draw: st.DrawFn) -> bytes:
+    """Valid-looking Bundles with what JSON text allows and dicts cannot show: repeated keys,
+    numbers at the edges of what parsers take, white space."""
+    doc = copy.deepcopy(MUTABLE)
+    if draw(st.booleans()):
+        _mutate(draw, doc)
+    kind = draw(st.sampled_from(["repeated-key", "number", "spaces"]))
+    if kind == "repeated-key":
+        return _with_repeated_key(draw, doc)
+    if kind == "number":
+        slots = [(c, k) for c, k in _slots(doc) if not isinstance(c[k], dict | list)]
+        container, key = draw(st.sampled_from(slots))
+        container[key] = "NUMBER-HERE"
+        number = draw(st.sampled_from(NUMBER_TEXTS))
+        return dumps(doc).replace(b'"NUMBER-HERE"', number.encode())
+    return b" \n\t" + orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\r\n"
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    data=st.one_of(
+        json_values.map(dumps),
+        mutated_bundles(),
+        unusual_texts(),
+        st.binary(max_size=40),
+    )
+)
+def test_both_parsing_paths_give_the_same_bundle_or_the_same_error(data: bytes) -> None:
+    if not data or data.isspace():
+        return  # refused before either path parses (test_bad_input_is_refused...)
+    event(_both_paths(data))
+
+
+def test_without_simdjson_every_bundle_takes_the_orjson_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No pysimdjson wheel for this Python (pyproject's marker): the service still works."""
+    data = fixture_bytes("collection-relative.json")
+    expected = summarize(data)
+    monkeypatch.setattr(bundle_module, "Parser", None)
+    ingested = ingest(data)
+    assert all(isinstance(e.parsed, dict) for e in ingested.entries)
+    assert summarize(data) == expected

@@ -4,6 +4,14 @@ Only the shape is checked here (resourceType, id, unique fullUrl); the full R4B 
 runs later, in :mod:`epicrisis.fhir.validate`, on just the entries the summary reads. That
 split is what keeps a 4 MB Bundle fast without trusting any resource we use.
 
+The same split applies to parsing. simdjson checks the whole document (UTF-8, syntax, depth)
+without building Python objects; a resource becomes JSON values only when it is read, and
+scoping reads single elements (:meth:`Entry.peek`). A whole-patient Bundle's stay reads a few
+dozen of its thousands of entries, so most are never built nor freed. What simdjson does not
+take as it is (a syntax error, an integer beyond 64 bits, a repeated key, any shape problem)
+is parsed again with orjson, whose result or error is the one given: both paths yield the
+same entries, and every error message comes from the orjson path.
+
 A fullUrl may repeat only with another ``meta.versionId``, or in a history Bundle (rule
 bdl-7); the index by fullUrl then keeps the first listed, which a history Bundle lists as the
 newest.
@@ -13,10 +21,16 @@ from __future__ import annotations
 
 import codecs
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 import orjson
 from pydantic import BaseModel, ConfigDict
+
+try:
+    from simdjson import Array, Object, Parser
+except ImportError:  # no wheel for this Python (see pyproject.toml): orjson parses every Bundle
+    Parser = None  # type: ignore[assignment,misc]
+    Array = Object = type("NoNode", (), {})  # type: ignore[assignment,misc]
 
 from epicrisis.config import Limits, get_settings
 from epicrisis.errors import BundleError, Location, safe_id, safe_type
@@ -68,14 +82,31 @@ class DataWarning(BaseModel):
 
 @dataclass(slots=True)
 class Entry:
-    """One entry with a resource: its position, identity and the raw JSON object."""
+    """One entry with a resource: its position, identity and the resource as parsed."""
 
     index: int
     full_url: str | None
     resource_type: str
     resource_id: str | None
-    resource: Json
+    parsed: Json | Object  # JSON values, or simdjson's node until the resource is first read
     container: Entry | None = None  # set for a contained resource: the entry holding it
+
+    @property
+    def resource(self) -> Json:
+        """The resource as JSON values, built on first use and kept."""
+        parsed = self.parsed
+        if isinstance(parsed, Object):
+            parsed = self.parsed = parsed.as_dict()
+        return parsed
+
+    def peek(self, key: str, default: Any = None) -> Any:
+        """One top-level element as JSON values, without building the rest of the resource."""
+        value = self.parsed.get(key, default)
+        if isinstance(value, Object):
+            return value.as_dict()
+        if isinstance(value, Array):
+            return value.as_list()
+        return value
 
     @property
     def location(self) -> Location:
@@ -105,8 +136,8 @@ class IngestedBundle:
         return self.by_type.get(resource_type, [])
 
 
-def decode_json(data: bytes, limits: Limits) -> Any:
-    """Bytes to JSON values: size, BOM, UTF-8 and syntax checked with errors that say which."""
+def _payload(data: bytes, limits: Limits) -> bytes:
+    """The JSON text of the input: its size checked and a UTF-8 BOM left out."""
     if len(data) > limits.max_bundle_bytes:
         raise BundleError(
             f"Bundle is {len(data)} bytes, over the limit of {limits.max_bundle_bytes} bytes"
@@ -115,6 +146,11 @@ def decode_json(data: bytes, limits: Limits) -> Any:
         data = data[len(codecs.BOM_UTF8) :]
     if not data or data.isspace():  # what ``not data.strip()`` says, without copying the input
         raise BundleError("input is empty; expected a FHIR R4 Bundle as JSON")
+    return data
+
+
+def decode_json(data: bytes) -> Any:
+    """JSON text to JSON values: UTF-8 and syntax checked, with errors that say which."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError as exc:
@@ -137,7 +173,70 @@ def decode_json(data: bytes, limits: Limits) -> Any:
 def ingest(data: bytes, *, limits: Limits | None = None) -> IngestedBundle:
     """Parse and shape-check a Bundle; raises :class:`BundleError` naming the first problem."""
     limits = limits or get_settings().limits
-    doc = decode_json(data, limits)
+    data = _payload(data, limits)
+    if Parser is not None:
+        try:
+            return _ingest_nodes(data, limits)
+        except _Unusual:
+            pass
+    return _ingest_values(decode_json(data), limits)
+
+
+class _Unusual(Exception):
+    """Something simdjson's path leaves to orjson's: to parse, or to name in an error."""
+
+
+def _ingest_nodes(data: bytes, limits: Limits) -> IngestedBundle:
+    """The Bundle over simdjson's document, for input that holds no surprise; else _Unusual.
+
+    Accepts only what :func:`_ingest_values` accepts, with the same entries: no key may repeat
+    in the Bundle, an entry or a resource (orjson keeps the last of them, simdjson's lookups
+    the first), and every shape rule is checked as there, leaving the error to that path.
+    """
+    try:
+        doc = Parser().parse(data)
+    except (ValueError, RuntimeError):  # syntax, UTF-8, depth, an integer beyond 64 bits
+        raise _Unusual from None
+    if not isinstance(doc, Object) or _repeats_key(doc) or doc.get("resourceType") != "Bundle":
+        raise _Unusual
+    btype = doc.get("type")
+    raw_entries = doc.get("entry", ())
+    if (
+        not isinstance(btype, str)
+        or btype not in BUNDLE_TYPES
+        or not isinstance(raw_entries, Array | tuple)
+        or len(raw_entries) > limits.max_entries
+    ):
+        raise _Unusual
+    bundle = IngestedBundle(bundle_type=btype, entries=[])
+    versions: _Versions = {}
+    for index, raw in enumerate(raw_entries):
+        if not isinstance(raw, Object) or _repeats_key(raw):
+            raise _Unusual
+        full_url = raw.get("fullUrl")
+        resource = raw.get("resource")
+        if full_url is not None and (not isinstance(full_url, str) or not full_url.strip()):
+            raise _Unusual
+        if resource is None:
+            continue
+        if not isinstance(resource, Object) or _repeats_key(resource):
+            raise _Unusual
+        rtype = resource.get("resourceType")
+        rid = resource.get("id")
+        if not _valid_type(rtype) or (rid is not None and safe_id(rid) != rid):
+            raise _Unusual
+        entry = Entry(index, full_url, rtype, rid, resource)
+        bundle.entries.append(entry)
+        _index_entry(bundle, entry, versions)
+    return bundle
+
+
+def _repeats_key(node: Object) -> bool:
+    return len(set(node)) != len(node)
+
+
+def _ingest_values(doc: Any, limits: Limits) -> IngestedBundle:
+    """The Bundle over orjson's JSON values."""
     if not isinstance(doc, dict):
         raise BundleError(f"top-level JSON is {_kind(doc)}; expected a FHIR Bundle object")
     rtype = doc.get("resourceType")
@@ -167,13 +266,13 @@ def ingest(data: bytes, *, limits: Limits | None = None) -> IngestedBundle:
         )
 
     bundle = IngestedBundle(bundle_type=btype, entries=[])
-    seen: dict[tuple[str, str | None], Entry] = {}
+    versions: _Versions = {}
     for index, raw in enumerate(raw_entries):
         entry = _shape_checked_entry(index, raw)
         if entry is None:
             continue
         bundle.entries.append(entry)
-        _index_entry(bundle, entry, seen)
+        _index_entry(bundle, entry, versions)
     return bundle
 
 
@@ -199,14 +298,11 @@ def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
             location=Location(index, path=f"entry[{index}].resource"),
         )
     rtype = resource.get("resourceType")
-    if not isinstance(rtype, str) or rtype not in _TYPES_SEEN:
-        if not isinstance(rtype, str) or safe_type(rtype) != rtype:
-            raise BundleError(
-                "resource has no valid resourceType",
-                location=Location(index, path=f"entry[{index}].resource.resourceType"),
-            )
-        if len(_TYPES_SEEN) < 1024:  # bounded: type names come from callers
-            _TYPES_SEEN.add(rtype)
+    if not _valid_type(rtype):
+        raise BundleError(
+            "resource has no valid resourceType",
+            location=Location(index, path=f"entry[{index}].resource.resourceType"),
+        )
     rid = resource.get("id")
     if rid is not None and safe_id(rid) != rid:
         raise BundleError(
@@ -216,27 +312,41 @@ def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
     return Entry(index, full_url, rtype, rid, resource)
 
 
+def _valid_type(rtype: object) -> TypeGuard[str]:
+    """Shaped like a resourceType name (whether FHIR knows it is validation's question)."""
+    if not isinstance(rtype, str):
+        return False
+    if rtype in _TYPES_SEEN:
+        return True
+    if safe_type(rtype) != rtype:
+        return False
+    if len(_TYPES_SEEN) < 1024:  # bounded: type names come from callers
+        _TYPES_SEEN.add(rtype)
+    return True
+
+
 _TYPES_SEEN: set[str] = set()  # resourceType names that passed the shape rule once
+_Versions = dict[tuple[str, str | None], Entry]  # (fullUrl, versionId): the first listed
 
 
-def _index_entry(
-    bundle: IngestedBundle, entry: Entry, seen: dict[tuple[str, str | None], Entry]
-) -> None:
-    if entry.full_url is not None:
-        key = (entry.full_url, entry_version(entry))
-        twin = seen.get(key)
-        if twin is not None and bundle.bundle_type != "history":
-            raise BundleError(
-                f"fullUrl duplicates that of entry[{twin.index}] (rule bdl-7: fullUrl must be unique)",
-                location=Location(
-                    entry.index,
-                    entry.resource_type,
-                    safe_id(entry.resource_id),
-                    f"entry[{entry.index}].fullUrl",
-                ),
-            )
-        seen.setdefault(key, entry)
-        bundle.by_full_url.setdefault(entry.full_url, entry)
+def _index_entry(bundle: IngestedBundle, entry: Entry, versions: _Versions) -> None:
+    url = entry.full_url
+    if url is not None:
+        first = bundle.by_full_url.setdefault(url, entry)
+        if first is not entry and bundle.bundle_type != "history":
+            # Versions are read only for a fullUrl that repeats: almost every one is unique.
+            versions.setdefault((url, entry_version(first)), first)
+            twin = versions.setdefault((url, entry_version(entry)), entry)
+            if twin is not entry:
+                raise BundleError(
+                    f"fullUrl duplicates that of entry[{twin.index}] (rule bdl-7: fullUrl must be unique)",
+                    location=Location(
+                        entry.index,
+                        entry.resource_type,
+                        safe_id(entry.resource_id),
+                        f"entry[{entry.index}].fullUrl",
+                    ),
+                )
     bundle.by_type.setdefault(entry.resource_type, []).append(entry)
     if entry.resource_id:
         bundle.by_type_id.setdefault(f"{entry.resource_type}/{entry.resource_id}", []).append(entry)
@@ -244,7 +354,7 @@ def _index_entry(
 
 def entry_version(entry: Entry) -> str | None:
     """The resource's ``meta.versionId``, when it states one (a number read as its digits)."""
-    meta = entry.resource.get("meta")
+    meta = entry.peek("meta")
     version = meta.get("versionId") if isinstance(meta, dict) else None
     if isinstance(version, int) and not isinstance(version, bool):
         return str(version)

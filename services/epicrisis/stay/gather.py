@@ -56,6 +56,7 @@ ENCOUNTER_FIELD = {
     "MedicationAdministration": ("context",),
     "DocumentReference": ("context", "encounter"),
 }
+_ABSENT = object()  # what Entry.peek answers for a key the resource lacks (null is not absent)
 
 
 class _Reader:
@@ -80,7 +81,7 @@ class _Reader:
 
     def read(self, entry: Entry) -> Json | None:
         """The validated resource, or None (with a warning) when it is invalid."""
-        key = id(entry.resource)  # raw JSON objects live as long as the Bundle: a stable key
+        key = id(entry)  # entries live as long as the Bundle (the resolver keeps contained ones)
         if key not in self._cache:
             try:
                 resource, warnings = validate_entry(entry, limits=self.limits, memo=self.memo)
@@ -207,7 +208,7 @@ class _Scope:
         ]
         named += stay.resource.get("reasonReference") or []
         self.named_conditions = {
-            id(target.resource)
+            id(target)
             for target in (reader.resolver.resolve_field(n, source=stay) for n in named)
             if target
         }
@@ -247,8 +248,9 @@ class _Scope:
         return self._encounter_link(entry) is self.stay
 
     def _belongs_to_patient(self, entry: Entry) -> bool:
-        raw = entry.resource
-        subject = raw.get("subject", raw.get("patient"))
+        subject = entry.peek("subject", _ABSENT)
+        if subject is _ABSENT:
+            subject = entry.peek("patient")
         if subject is None:  # R4 allows it; in a Bundle of several patients it is nobody's
             return self.single_patient
         target = self.reader.resolver.resolve_field(subject, source=entry)
@@ -257,8 +259,9 @@ class _Scope:
         return target is self.patient
 
     def _encounter_link(self, entry: Entry) -> Entry | None:
-        value: Any = entry.resource
-        for part in ENCOUNTER_FIELD.get(entry.resource_type, ("encounter",)):
+        first, *inner = ENCOUNTER_FIELD.get(entry.resource_type, ("encounter",))
+        value = entry.peek(first)
+        for part in inner:
             value = value.get(part) if isinstance(value, dict) else None
         if isinstance(value, list):
             value = value[0] if value else None
@@ -275,14 +278,14 @@ class _Scope:
         link = self._encounter_link(entry)
         if link is None or link is self.stay or link.resource_type != "Encounter":
             return False
-        cls = link.resource.get("class")
+        cls = link.peek("class")
         return isinstance(cls, dict) and cls.get("code") in INPATIENT_CLASSES | EMERGENCY_CLASSES
 
     def _in_window(self, entry: Entry, fields: tuple[str, ...]) -> bool:
         if self.start is None:
             return False
         for name in fields:
-            when = parse_when(entry.resource.get(name))
+            when = parse_when(entry.peek(name))
             if when is not None:
                 return self.start.at <= when.at and (self.end is None or when.at < self.end.until)
         return False
@@ -366,15 +369,15 @@ def _condition(reader: _Reader, entry: Entry, scope: _Scope) -> ConditionFact | 
         abatement=parse_when(
             cond.get("abatementDateTime") or (cond.get("abatementPeriod") or {}).get("start")
         ),
-        of_this_stay=scope.links_to_stay(entry) or id(entry.resource) in scope.named_conditions,
+        of_this_stay=scope.links_to_stay(entry) or id(entry) in scope.named_conditions,
     )
 
 
 def _may_matter(entry: Entry, scope: _Scope) -> bool:
     """A Condition of the stay, named by it, or possibly active: the others are never read."""
-    if scope.links_to_stay(entry) or id(entry.resource) in scope.named_conditions:
+    if scope.links_to_stay(entry) or id(entry) in scope.named_conditions:
         return True
-    status = entry.resource.get("clinicalStatus")
+    status = entry.peek("clinicalStatus")
     return not isinstance(status, dict) or bool(set(codes_of(status)) & ACTIVE_PROBLEM)
 
 
@@ -458,7 +461,7 @@ def _medications(reader: _Reader, scope: _Scope, tz: tzinfo) -> Iterable[Medicat
 
 def could_be_home(entry: Entry) -> bool:
     """Only a live order can be a medication from before admission (see ``reconcile``)."""
-    status = entry.resource.get("status")
+    status = entry.peek("status")
     return isinstance(status, str) and status in LIVE
 
 

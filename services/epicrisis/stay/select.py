@@ -26,9 +26,7 @@ def select_encounter(
         )
     classes = INPATIENT_CLASSES | (EMERGENCY_CLASSES if allow_emergency else frozenset())
     candidates = [
-        e
-        for e in encounters
-        if _class_code(e) in classes and e.resource.get("status") == "finished"
+        e for e in encounters if _class_code(e) in classes and e.peek("status") == "finished"
     ]
     if not candidates:
         kinds = (
@@ -42,7 +40,7 @@ def select_encounter(
 
 
 def _class_code(entry: Entry) -> str | None:
-    value = entry.resource.get("class")
+    value = entry.peek("class")
     if isinstance(value, dict):
         code = value.get("code")
         return code if isinstance(code, str) else None
@@ -50,7 +48,7 @@ def _class_code(entry: Entry) -> str | None:
 
 
 def _recency(entry: Entry) -> tuple[float, int]:
-    period = entry.resource.get("period")
+    period = entry.peek("period")
     period = period if isinstance(period, dict) else {}
     when = parse_when(period.get("end")) or parse_when(period.get("start"))
     return (when.at.timestamp() if when else float("-inf"), entry.index)
