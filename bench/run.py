@@ -30,7 +30,7 @@ def machine() -> str:
     gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     versions = ", ".join(
         f"{name} {metadata.version(name)}"
-        for name in ("fhir.resources", "orjson", "tokenizers", "pydantic")
+        for name in ("fhir.resources", "pysimdjson", "orjson", "tokenizers", "pydantic")
     )
     return (
         f"{cpu}, {os.cpu_count()} cores, {gib:.0f} GiB, Python {platform.python_version()} on "

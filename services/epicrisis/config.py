@@ -19,7 +19,7 @@ class Limits(BaseSettings):
 
     max_bundle_bytes: int = Field(64 * 1024 * 1024, gt=0)
     max_entries: int = Field(100_000, gt=0)
-    # orjson refuses JSON nested deeper than 1024 levels anywhere in the document; inside an
+    # The parsers (simdjson, orjson) refuse JSON nested deeper than 1024 levels anywhere; inside an
     # entry that the summary reads we allow far less, since no FHIR resource needs it.
     max_resource_depth: int = Field(64, gt=2)
     # The gRPC request beside the Bundle (serving/requests.py): bounded, so no field of a
