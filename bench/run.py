@@ -91,10 +91,13 @@ paths' figures in the same round. As timeit does, the cyclic collector is off du
 call (the service tunes it to about 0.1 ms a request: `epicrisis.serving.ingest.settle_heap`); each
 path frees what it built inside its timing.
 
-"ingest + prompt" is `epicrisis.build_prompt(bytes)` with the Llama 3 tokenizer: parse,
-shape-check every entry, select the stay, validate (R4B) every entry the summary reads
-(each distinct element of the Bundle once: `epicrisis.fhir.validate.ElementMemo`),
-gather, linearize, pack into the default budget (8,192 - 2,048 tokens) and count exactly.
+"ingest + prompt" is `epicrisis.build_prompt(bytes)` with the Llama 3 tokenizer: parse
+(simdjson checks the whole document; a resource becomes Python objects only when the
+summary reads it: `epicrisis.fhir.bundle`), shape-check every entry, select the stay,
+validate (R4B) every entry the summary reads (each distinct element of the Bundle once:
+`epicrisis.fhir.validate.ElementMemo`), gather, linearize, pack into the default budget
+(8,192 - 2,048 tokens) and count exactly. The "orjson parse" baseline builds the whole
+Bundle as Python objects, as the issue's goal states it.
 "whole-Bundle R4B validation" is `Bundle.model_validate_json(bytes)` from `fhir.resources`;
 "(fails)" marks Bundles it refuses (clinosim writes `MedicationAdministration.dosage.timing`,
 which R4 does not define), timed to the same end. Token columns: the prompt, and the stay's

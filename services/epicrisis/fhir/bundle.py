@@ -10,7 +10,7 @@ scoping reads single elements (:meth:`Entry.peek`). A whole-patient Bundle's sta
 dozen of its thousands of entries, so most are never built nor freed. What simdjson does not
 take as it is (a syntax error, an integer beyond 64 bits, a repeated key, any shape problem)
 is parsed again with orjson, whose result or error is the one given: both paths yield the
-same entries, and every error message comes from the orjson path.
+same entries and the same errors (a repeated fullUrl is refused by code both share).
 
 A fullUrl may repeat only with another ``meta.versionId``, or in a history Bundle (rule
 bdl-7); the index by fullUrl then keeps the first listed, which a history Bundle lists as the
@@ -191,7 +191,7 @@ def _ingest_nodes(data: bytes, limits: Limits) -> IngestedBundle:
 
     Accepts only what :func:`_ingest_values` accepts, with the same entries: no key may repeat
     in the Bundle, an entry or a resource (orjson keeps the last of them, simdjson's lookups
-    the first), and every shape rule is checked as there, leaving the error to that path.
+    the first), and every shape rule is checked as there, leaving its error to that path.
     """
     try:
         doc = Parser().parse(data)
@@ -232,7 +232,7 @@ def _ingest_nodes(data: bytes, limits: Limits) -> IngestedBundle:
 
 
 def _repeats_key(node: Object) -> bool:
-    return len(set(node)) != len(node)
+    return len(set(node)) != len(node)  # iterating an Object yields every key, repeats too
 
 
 def _ingest_values(doc: Any, limits: Limits) -> IngestedBundle:
