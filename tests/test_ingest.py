@@ -1158,8 +1158,8 @@ def test_the_element_memo_stays_within_its_budget_on_deep_unique_elements() -> N
 
 
 # --------------------------------------------------------------------------- parsing paths
-# simdjson's path (fhir.bundle._ingest_nodes) must give what orjson's (_ingest_values) gives,
-# or leave the input to it: the comparisons below run both on the same bytes.
+# simdjson's nodes must give what orjson's values give, or leave the input to orjson
+# (fhir.bundle._Unusual): the comparisons below run both on the same bytes.
 
 ABSENT = object()
 
@@ -1198,10 +1198,12 @@ def _both_paths(data: bytes) -> str:
     except BundleError:
         return "refused before parsing"
     by_values = _outcome(
-        lambda: bundle_module._ingest_values(bundle_module.decode_json(text), limits)
+        lambda: bundle_module._ingest_parsed(bundle_module.decode_json(text), limits)
     )
     try:
-        by_nodes = _outcome(lambda: bundle_module._ingest_nodes(text, limits))
+        by_nodes = _outcome(
+            lambda: bundle_module._ingest_parsed(bundle_module._parse_nodes(text), limits)
+        )
     except bundle_module._Unusual:
         assert _outcome(lambda: ingest(data)) == by_values
         return "left to orjson"

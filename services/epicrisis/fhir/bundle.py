@@ -8,9 +8,9 @@ The same split applies to parsing. simdjson checks the whole document (UTF-8, sy
 without building Python objects; a resource becomes JSON values only when it is read, and
 scoping reads single elements (:meth:`Entry.peek`). A whole-patient Bundle's stay reads a few
 dozen of its thousands of entries, so most are never built nor freed. What simdjson does not
-take as it is (a syntax error, an integer beyond 64 bits, a repeated key, any shape problem)
-is parsed again with orjson, whose result or error is the one given: both paths yield the
-same entries and the same errors (a repeated fullUrl is refused by code both share).
+take as orjson would (a syntax error, an integer beyond 64 bits, a key repeated in an
+object) is parsed again with orjson. Both are checked by the same code, so they yield the
+same entries and the same errors.
 
 A fullUrl may repeat only with another ``meta.versionId``, or in a history Bundle (rule
 bdl-7); the index by fullUrl then keeps the first listed, which a history Bundle lists as the
@@ -51,6 +51,9 @@ BUNDLE_TYPES = frozenset(
 )
 
 Json = dict[str, Any]
+# A JSON object or array as either parser gives it (tuples: isinstance takes them fastest).
+OBJECTS = (dict, Object)
+ARRAYS = (list, Array)
 
 
 WarningCode = Literal["invalid-entry", "unknown-element", "dangling-reference", "unreadable-note"]
@@ -176,68 +179,37 @@ def ingest(data: bytes, *, limits: Limits | None = None) -> IngestedBundle:
     data = _payload(data, limits)
     if Parser is not None:
         try:
-            return _ingest_nodes(data, limits)
+            return _ingest_parsed(_parse_nodes(data), limits)
         except _Unusual:
             pass
-    return _ingest_values(decode_json(data), limits)
+    return _ingest_parsed(decode_json(data), limits)
 
 
 class _Unusual(Exception):
-    """Something simdjson's path leaves to orjson's: to parse, or to name in an error."""
+    """Input that simdjson's nodes would not show as orjson's values do: orjson parses it."""
 
 
-def _ingest_nodes(data: bytes, limits: Limits) -> IngestedBundle:
-    """The Bundle over simdjson's document, for input that holds no surprise; else _Unusual.
-
-    Accepts only what :func:`_ingest_values` accepts, with the same entries: no key may repeat
-    in the Bundle, an entry or a resource (orjson keeps the last of them, simdjson's lookups
-    the first), and every shape rule is checked as there, leaving its error to that path.
-    """
+def _parse_nodes(data: bytes) -> Any:
+    """simdjson's document of ``data``; what it refuses (syntax, UTF-8, depth, an integer
+    beyond 64 bits) is _Unusual, for orjson to parse or to name in its error."""
     try:
-        doc = Parser().parse(data)
-    except (ValueError, RuntimeError):  # syntax, UTF-8, depth, an integer beyond 64 bits
+        return Parser().parse(data)
+    except (ValueError, RuntimeError):
         raise _Unusual from None
-    if not isinstance(doc, Object) or _repeats_key(doc) or doc.get("resourceType") != "Bundle":
+
+
+def _check_repeats(node: Any) -> None:
+    """A key repeated in an object: orjson keeps its last value, simdjson's lookups the first,
+    so a node that repeats one is _Unusual. (Iterating a node yields every key, repeats too;
+    below the top of a resource, nodes are built as orjson builds values.)"""
+    if isinstance(node, Object) and len(set(node)) != len(node):
         raise _Unusual
-    btype = doc.get("type")
-    raw_entries = doc.get("entry", ())
-    if (
-        not isinstance(btype, str)
-        or btype not in BUNDLE_TYPES
-        or not isinstance(raw_entries, Array | tuple)
-        or len(raw_entries) > limits.max_entries
-    ):
-        raise _Unusual
-    bundle = IngestedBundle(bundle_type=btype, entries=[])
-    versions: _Versions = {}
-    for index, raw in enumerate(raw_entries):
-        if not isinstance(raw, Object) or _repeats_key(raw):
-            raise _Unusual
-        full_url = raw.get("fullUrl")
-        resource = raw.get("resource")
-        if full_url is not None and (not isinstance(full_url, str) or not full_url.strip()):
-            raise _Unusual
-        if resource is None:
-            continue
-        if not isinstance(resource, Object) or _repeats_key(resource):
-            raise _Unusual
-        rtype = resource.get("resourceType")
-        rid = resource.get("id")
-        if not _valid_type(rtype) or (rid is not None and safe_id(rid) != rid):
-            raise _Unusual
-        entry = Entry(index, full_url, rtype, rid, resource)
-        bundle.entries.append(entry)
-        _index_entry(bundle, entry, versions)
-    return bundle
 
 
-def _repeats_key(node: Object) -> bool:
-    return len(set(node)) != len(node)  # iterating an Object yields every key, repeats too
-
-
-def _ingest_values(doc: Any, limits: Limits) -> IngestedBundle:
-    """The Bundle over orjson's JSON values."""
-    if not isinstance(doc, dict):
+def _ingest_parsed(doc: Any, limits: Limits) -> IngestedBundle:
+    """The Bundle over parsed JSON: orjson's values, or simdjson's nodes, checked alike."""
+    _check_repeats(doc)
+    if not isinstance(doc, OBJECTS):
         raise BundleError(f"top-level JSON is {_kind(doc)}; expected a FHIR Bundle object")
     rtype = doc.get("resourceType")
     if rtype != "Bundle":
@@ -254,8 +226,8 @@ def _ingest_values(doc: Any, limits: Limits) -> IngestedBundle:
         raise BundleError(
             "Bundle.type is missing or not a FHIR R4 bundle type", location=Location(path="type")
         )
-    raw_entries = doc.get("entry", [])
-    if not isinstance(raw_entries, list):
+    raw_entries: Any = doc.get("entry", [])
+    if not isinstance(raw_entries, ARRAYS):
         raise BundleError(
             f"Bundle.entry is {_kind(raw_entries)}; expected an array",
             location=Location(path="entry"),
@@ -278,7 +250,8 @@ def _ingest_values(doc: Any, limits: Limits) -> IngestedBundle:
 
 def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
     # Runs once per entry of every Bundle: the error paths are built only when needed.
-    if not isinstance(raw, dict):
+    _check_repeats(raw)
+    if not isinstance(raw, OBJECTS):
         raise BundleError(
             f"entry is {_kind(raw)}; expected an object",
             location=Location(index, path=f"entry[{index}]"),
@@ -292,11 +265,12 @@ def _shape_checked_entry(index: int, raw: Any) -> Entry | None:
     resource = raw.get("resource")
     if resource is None:
         return None  # e.g. a DELETE in a transaction, or a search outcome without a resource
-    if not isinstance(resource, dict):
+    if not isinstance(resource, OBJECTS):
         raise BundleError(
             f"resource is {_kind(resource)}; expected an object",
             location=Location(index, path=f"entry[{index}].resource"),
         )
+    _check_repeats(resource)
     rtype = resource.get("resourceType")
     if not _valid_type(rtype):
         raise BundleError(
@@ -364,7 +338,9 @@ def entry_version(entry: Entry) -> str | None:
 def _kind(value: object) -> str:
     names = {
         dict: "an object",
+        Object: "an object",
         list: "an array",
+        Array: "an array",
         str: "a string",
         bool: "a boolean",
         type(None): "null",
