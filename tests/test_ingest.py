@@ -1249,7 +1249,9 @@ def test_a_stay_builds_only_the_resources_it_reads() -> None:
 
 def _with_repeated_key(draw: st.DrawFn, doc: Any) -> bytes:
     """``doc`` as JSON text with one object repeating one of its keys (orjson keeps the last)."""
-    objects = [doc] + [c[k] for c, k in _slots(doc) if isinstance(c[k], dict) and c[k]]
+    objects = [doc] * bool(doc) + [c[k] for c, k in _slots(doc) if isinstance(c[k], dict) and c[k]]
+    if not objects:  # the mutants left no key at all
+        return dumps(doc)
     target = draw(st.sampled_from(objects))
     key = draw(st.sampled_from(sorted(target)))
     extra = draw(json_leaf)
@@ -1293,6 +1295,8 @@ def unusual_texts(draw: st.DrawFn) -> bytes:
         return _with_repeated_key(draw, doc)
     if kind == "number":
         slots = [(c, k) for c, k in _slots(doc) if not isinstance(c[k], dict | list)]
+        if not slots:  # the mutants left no value that is not an object or an array
+            return dumps(doc)
         container, key = draw(st.sampled_from(slots))
         container[key] = "NUMBER-HERE"
         number = draw(st.sampled_from(NUMBER_TEXTS))
